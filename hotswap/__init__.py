@@ -1,0 +1,1 @@
+"""hotswap: zero-downtime release swaps under uWSGI (master re-fork)."""
