@@ -110,7 +110,8 @@ class LoadGenerator:
     def _run(self, index: int, deadline: float) -> None:
         n = index
         while not self._stop.is_set() and time.monotonic() < deadline:
-            record = request_once(self.target, self.paths[n % len(self.paths)], self.request_timeout)
+            path = self.paths[n % len(self.paths)]
+            record = request_once(self.target, path, self.request_timeout)
             n += self.connections
             with self._lock:
                 if len(self.records) >= self.max_requests:

@@ -1,0 +1,227 @@
+"""The `hotswap` command: a thin click layer over config, reload, instance and probe."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+
+import click
+
+from . import config, probe
+from . import instance as inst
+from .errors import ExitCode, HotswapError
+from .reload import Phase, reload
+from .supervisor import Supervisor
+
+# probe speaks the monitoring-plugin convention, not the rest of the CLI's codes.
+PROBE_OK, PROBE_WARNING, PROBE_CRITICAL, PROBE_UNKNOWN = 0, 1, 2, 3
+
+EXIT_CODES_HELP = """
+\b
+Exit codes (start, reload, stop, status, recover):
+  0  success
+  1  reload failed: the new release did not come up; the old one still serves
+  2  bad usage or configuration (missing/unreadable ini, permission denied)
+  3  nothing is running
+  4  busy: a reload is in progress, or start found a live instance
+  5  timeout: reload killed a new generation that was too slow (the old one
+     still serves); stop found the master still draining
+  6  inconsistent state the kit will not guess about; the message says what to do
+probe: 0 OK, 1 unexpected HTTP status, 2 no answer, 3 unknown (bad config)
+"""
+
+
+def fail(error: HotswapError) -> None:
+    click.echo(f"hotswap: {error.message}", err=True)
+    sys.exit(int(error.code))
+
+
+class Context:
+    def __init__(self, ini: str) -> None:
+        self.ini = ini
+        self._cfg: config.Config | None = None
+
+    @property
+    def cfg(self) -> config.Config:
+        if self._cfg is None:
+            self._cfg = config.load(self.ini)
+        return self._cfg
+
+
+pass_context = click.make_pass_decorator(Context)
+
+
+@click.group(epilog=EXIT_CODES_HELP)
+@click.option(
+    "--ini", envvar="HOTSWAP_INI", default="srv.ini", show_default=True,
+    help="uWSGI config that names every path (env HOTSWAP_INI).",
+)
+@click.version_option(package_name="hotswap")
+@click.pass_context
+def main(ctx: click.Context, ini: str) -> None:
+    """Zero-downtime release swaps for a uWSGI service (master re-fork)."""
+    ctx.obj = Context(ini)
+
+
+@main.command()
+@click.option(
+    "--exec/--supervise", "exec_mode", default=None,
+    help="Replace this process with uWSGI (default under systemd) or stay in the "
+    "foreground across swaps as a subreaper (default in a terminal).",
+)
+@pass_context
+def start(ctx: Context, exec_mode: bool | None) -> None:
+    """Run the service in the foreground (what systemd's ExecStart runs)."""
+    try:
+        cfg = ctx.cfg
+        for path in inst.prepare_start(cfg):
+            click.echo(f"hotswap: removed stale {path}", err=True)
+    except HotswapError as error:
+        fail(error)
+    env = dict(os.environ, HOTSWAP_PYTHON=sys.executable)
+    if "NOTIFY_SOCKET" in env:
+        # The accepting hook notifies systemd, when worker 1 really accepts; uWSGI's own
+        # READY=1 (master up, app maybe not) must not reach it.
+        env["HOTSWAP_NOTIFY_SOCKET"] = env.pop("NOTIFY_SOCKET")
+    argv = [str(cfg.uwsgi), "--ini", str(cfg.ini)]
+    if exec_mode is None:
+        exec_mode = "HOTSWAP_NOTIFY_SOCKET" in env
+    click.echo(f"hotswap: starting uWSGI on {cfg.http_socket} (log: {cfg.log_file})", err=True)
+    if exec_mode:
+        os.execve(argv[0], argv, env)
+    sys.exit(Supervisor(cfg, argv, env).run())
+
+
+def _raise_interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+@main.command(name="reload", epilog=EXIT_CODES_HELP)
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=300.0, show_default=True,
+              help="Seconds for the whole swap, the new release's import included.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@pass_context
+def reload_cmd(ctx: Context, timeout: float, as_json: bool) -> None:
+    """Swap in a new generation; return when it serves and the old one is gone."""
+    # systemd ends a slow ExecReload with SIGTERM: roll back rather than die mid-swap.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+
+    def show(phase: Phase, at: float, detail: str) -> None:
+        if not as_json:
+            click.echo(f"  [{at:7.2f}s] {phase.value:<12} {detail}")
+
+    try:
+        result = reload(ctx.cfg, timeout, show)
+    except HotswapError as error:
+        fail(error)
+    if as_json:
+        click.echo(json.dumps(result.to_json(), indent=1))
+    elif result.ok:
+        click.echo(f"reload ok in {result.seconds:.2f}s: {result.message}")
+    else:
+        click.echo(
+            f"hotswap: reload FAILED after {result.seconds:.2f}s: {result.message}", err=True
+        )
+        if result.log_tail:
+            click.echo("--- uWSGI log since the reload began (tail) ---", err=True)
+            for line in result.log_tail:
+                click.echo(f"  {line}", err=True)
+    sys.exit(result.exit_code)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+@pass_context
+def status(ctx: Context, as_json: bool) -> None:
+    """Master, generation, workers, FIFOs, socket and the last reload's result."""
+    try:
+        report = inst.status(ctx.cfg)
+    except HotswapError as error:
+        fail(error)
+    if as_json:
+        click.echo(json.dumps(report, indent=1))
+    else:
+        click.echo(_format_status(report))
+    sys.exit(ExitCode.OK if report["running"] else ExitCode.NOT_RUNNING)
+
+
+def _format_status(report: dict) -> str:
+    lines = []
+    if report["running"]:
+        health = report["health"] or {}
+        lines.append(f"running     master {report['master_pid']}, generation "
+                     f"{report['generation'] or '? (no /healthz answer)'}")
+        if health:
+            lines.append(f"loaded      {health.get('loaded_at')} in {health.get('load_seconds')}s")
+    else:
+        lines.append("stopped     no live master")
+    for worker in report["workers"]:
+        lines.append(f"worker {worker['id']:<4} pid {worker['pid']:<8} {worker['status']:<8} "
+                     f"{worker['requests']} requests")
+    for name, info in report["fifos"].items():
+        lines.append(f"fifo {name:<7} {info['state']:<10} {info['path']}")
+    lines.append(f"socket      {report['socket']}")
+    lines.append(f"log         {report['log_file']}")
+    if report["reload_in_progress"]:
+        lines.append(f"reload      in progress (pid {report['reload_in_progress']})")
+    last = report["last_reload"]
+    if last:
+        outcome = "ok" if last["ok"] else f"FAILED (exit {last['exit_code']})"
+        lines.append(f"last reload {outcome} in {last['seconds']}s: {last['message']}")
+    return "\n".join(lines)
+
+
+@main.command(name="probe")
+@click.option("--path", default="/healthz", show_default=True)
+@click.option("--timeout", type=click.FloatRange(min=0.01), default=5.0, show_default=True)
+@click.option("--expect-status", type=click.IntRange(100, 599), default=200, show_default=True)
+@click.option("--socket", "socket_path", type=click.Path(dir_okay=False),
+              help="Unix socket to probe (default: http-socket from the ini).")
+@pass_context
+def probe_cmd(ctx: Context, path: str, timeout: float, expect_status: int,
+              socket_path: str | None) -> None:
+    """GET PATH over the unix socket; exit 0 OK, 1 wrong status, 2 no answer, 3 unknown."""
+    if not path.startswith("/"):
+        click.echo(f"hotswap probe: UNKNOWN - path must start with '/': {path!r}", err=True)
+        sys.exit(PROBE_UNKNOWN)
+    try:
+        target = socket_path or str(ctx.cfg.http_socket)
+    except HotswapError as error:
+        click.echo(f"hotswap probe: UNKNOWN - {error.message}", err=True)
+        sys.exit(PROBE_UNKNOWN)
+    try:
+        answer = probe.get(target, path, timeout)
+    except OSError as exc:
+        click.echo(f"CRITICAL - GET {path} on {target}: {exc.strerror or exc}", err=True)
+        sys.exit(PROBE_CRITICAL)
+    body = answer.body.decode(errors="replace").strip().replace("\n", " ")
+    summary = f"GET {path} -> {answer.status} in {answer.seconds * 1000:.1f} ms: {body[:300]}"
+    if answer.status != expect_status:
+        click.echo(f"WARNING - {summary} (expected {expect_status})", err=True)
+        sys.exit(PROBE_WARNING)
+    click.echo(f"OK - {summary}")
+
+
+@main.command()
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=90.0, show_default=True,
+              help="Seconds to wait for in-flight requests to finish.")
+@pass_context
+def stop(ctx: Context, timeout: float) -> None:
+    """Stop gracefully: in-flight requests finish, then the master exits; files are cleaned."""
+    try:
+        master = inst.stop(ctx.cfg, timeout)
+    except HotswapError as error:
+        fail(error)
+    click.echo(f"stopped master {master}")
+
+
+@main.command()
+@pass_context
+def recover(ctx: Context) -> None:
+    """Repair FIFO slots after an interrupted swap (a master parked on the standby FIFO)."""
+    try:
+        click.echo(inst.recover(ctx.cfg))
+    except HotswapError as error:
+        fail(error)

@@ -1,0 +1,104 @@
+"""Every path the kit uses, read once from srv.ini, resolved by uWSGI itself.
+
+uWSGI's `--get KEY` prints an option's value after its own placeholder expansion (%d,
+%(run_dir), ...), so the CLI and the server can never disagree about where the FIFOs, the
+pidfile or the socket are.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ExitCode, HotswapError
+
+# srv.ini key -> Config field. Custom keys (run_dir, fifo_*) are srv.ini placeholders.
+REQUIRED_KEYS = {
+    "run_dir": "run_dir",
+    "fifo_live": "fifo_live",
+    "fifo_standby": "fifo_standby",
+    "pidfile": "pidfile",
+    "stats": "stats_socket",
+    "http-socket": "http_socket",
+    "logto": "log_file",
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    ini: Path
+    uwsgi: Path
+    run_dir: Path
+    fifo_live: Path  # slot 0: the serving master reads it
+    fifo_standby: Path  # slot 1: where the old master waits to be retired during a swap
+    pidfile: Path
+    stats_socket: Path
+    http_socket: Path
+    log_file: Path
+
+    @property
+    def lock_file(self) -> Path:
+        return self.run_dir / "reload.lock"
+
+    @property
+    def handover_file(self) -> Path:
+        """Written by the accepting hook of each generation (see handover.py)."""
+        return self.run_dir / "handover.json"
+
+    @property
+    def last_reload_file(self) -> Path:
+        return self.run_dir / "last-reload.json"
+
+
+def find_uwsgi() -> Path:
+    """The uwsgi binary installed beside this Python (the venv), else the one on PATH."""
+    beside = Path(sys.executable).parent / "uwsgi"
+    if os.access(beside, os.X_OK):
+        return beside
+    found = shutil.which("uwsgi")
+    if not found:
+        raise HotswapError(
+            "no uwsgi binary beside this Python or on PATH (run `make venv`)", ExitCode.CONFIG
+        )
+    return Path(found)
+
+
+def _uwsgi_get(uwsgi: Path, ini: Path, keys: list[str]) -> list[str]:
+    args = [str(uwsgi), "--ini", str(ini)]
+    for key in keys:
+        args += ["--get", key]
+    try:
+        done = subprocess.run(args, capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise HotswapError(f"cannot run {uwsgi} to read {ini}: {exc}", ExitCode.CONFIG) from exc
+    if done.returncode != 0:
+        detail = (done.stderr.strip().splitlines() or ["no detail"])[-1]
+        raise HotswapError(f"uwsgi cannot parse {ini}: {detail}", ExitCode.CONFIG)
+    return [line for line in done.stdout.splitlines() if line.strip()]
+
+
+def load(ini: str | os.PathLike) -> Config:
+    """Read the kit's paths from `ini`; a HotswapError says exactly what is wrong."""
+    ini_path = Path(ini).absolute()
+    if not ini_path.exists():
+        raise HotswapError(f"no such ini file: {ini_path}", ExitCode.CONFIG)
+    if not ini_path.is_file():
+        raise HotswapError(f"not a file: {ini_path}", ExitCode.CONFIG)
+    if not os.access(ini_path, os.R_OK):
+        raise HotswapError(f"cannot read {ini_path}: permission denied", ExitCode.CONFIG)
+    uwsgi = find_uwsgi()
+    keys = list(REQUIRED_KEYS)
+    values = _uwsgi_get(uwsgi, ini_path, keys)
+    if len(values) != len(keys):
+        # `--get` prints nothing for a missing key: ask one by one to name it.
+        missing = [key for key in keys if not _uwsgi_get(uwsgi, ini_path, [key])]
+        raise HotswapError(
+            f"{ini_path} does not set {', '.join(missing)} (see the srv.ini shipped with hotswap)",
+            ExitCode.CONFIG,
+        )
+    fields = {REQUIRED_KEYS[key]: Path(value) for key, value in zip(keys, values, strict=True)}
+    return Config(ini=ini_path, uwsgi=uwsgi, **fields)

@@ -1,0 +1,120 @@
+"""Process facts from /proc, and the one polling helper every wait in the kit uses."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def wait_until(
+    probe: Callable[[], T], timeout: float, interval: float = 0.02
+) -> T | None:
+    """Call `probe` until it returns something truthy or `timeout` seconds pass.
+
+    Returns the truthy value, or None at the deadline. The probe always runs at least once
+    and once more at the deadline, so a zero timeout still checks.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value:
+            return value
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            value = probe()
+            return value or None
+        time.sleep(min(interval, remaining))
+
+
+@dataclass(frozen=True)
+class ProcStat:
+    pid: int
+    state: str  # R, S, D, Z, ...
+    ppid: int
+    pgrp: int
+    session: int
+
+
+def stat(pid: int) -> ProcStat | None:
+    """The /proc/PID/stat fields we use, or None if there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            raw = handle.read()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    # comm may contain spaces and parentheses: the fields start after the last ')'.
+    fields = raw[raw.rindex(")") + 2 :].split()
+    return ProcStat(pid, fields[0], int(fields[1]), int(fields[2]), int(fields[3]))
+
+
+def alive(pid: int | None) -> bool:
+    """True if pid names a process that has not exited (zombies count as exited)."""
+    if not pid or pid <= 0:
+        return False
+    info = stat(pid)
+    return info is not None and info.state != "Z"
+
+
+def cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            return handle.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def all_pids() -> list[int]:
+    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
+
+
+def children(pid: int) -> list[int]:
+    return [p for p in all_pids() if (info := stat(p)) and info.ppid == pid]
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below pid, parents before children."""
+    found: list[int] = []
+    frontier = [pid]
+    while frontier:
+        kids = [p for parent in frontier for p in children(parent)]
+        found.extend(kids)
+        frontier = kids
+    return found
+
+
+def signal_quietly(pid: int, sig: int) -> bool:
+    try:
+        os.kill(pid, sig)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def kill_group(pgid: int, sig: int = signal.SIGKILL) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def read_pidfile(path: os.PathLike | str) -> int | None:
+    try:
+        with open(path) as handle:
+            text = handle.read().strip()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def write_pidfile(path: os.PathLike | str, pid: int) -> None:
+    """Replace the pidfile atomically, so no reader ever sees it empty."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as handle:
+        handle.write(f"{pid}\n")
+    os.replace(tmp, path)
