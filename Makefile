@@ -1,0 +1,50 @@
+# hotswap: `make run` serves, `make test` passes, both from a fresh clone.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+WHEELS := .wheels
+STAMP := $(VENV)/.installed
+RESOURCE := data/terms.tsv
+# ~2M terms: the import takes about two seconds on a 2-core machine
+TERMS ?= 2000000
+PREFIX ?= /opt/hotswap
+UNIT_DIR ?= /etc/systemd/system
+
+.PHONY: run test venv deps-system lint bench install-systemd reload status stop clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# uWSGI compiles from PyPI once (about a minute); the wheel is kept for installs
+	$(BIN)/pip wheel --quiet --find-links $(WHEELS) --wheel-dir $(WHEELS) 'uWSGI>=2.0.31,<2.1'
+	$(BIN)/pip install --quiet --find-links $(WHEELS) -e '.[test,bench]'
+	touch $@
+
+venv: $(STAMP)
+
+$(RESOURCE): | $(STAMP)
+	$(BIN)/python scripts/gen_resource.py --terms $(TERMS) --version v1 -o $@
+
+deps-system:
+	bash scripts/install-system-deps.sh
+
+run: $(STAMP) $(RESOURCE)
+	$(BIN)/hotswap --ini srv.ini start
+
+reload status stop: $(STAMP)
+	$(BIN)/hotswap --ini srv.ini $@
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+test: $(STAMP) deps-system lint
+	$(BIN)/pytest
+
+bench: $(STAMP) deps-system
+	$(BIN)/python -m bench.bench
+
+install-systemd: $(STAMP)
+	bash deploy/install-systemd.sh $(PREFIX) $(UNIT_DIR)
+
+clean:
+	rm -rf run log .pytest_cache .ruff_cache

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Install the Debian packages the tests and the bench use: curl and socat (the shell health
+# checks), nginx and wrk (the bench's independent client), systemd (the systemd tests).
+# As root it installs what is missing; otherwise it says what is missing and the tests that
+# need it skip with that reason.
+set -euo pipefail
+declare -A need=([curl]=curl [socat]=socat [nginx]=nginx-light [wrk]=wrk)
+[ -x /lib/systemd/systemd ] || need[systemd]=systemd
+missing=()
+for cmd in "${!need[@]}"; do
+  if [ "$cmd" = systemd ]; then missing+=("${need[$cmd]}"); continue; fi
+  command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || missing+=("${need[$cmd]}")
+done
+if [ ${#missing[@]} -eq 0 ]; then
+  echo "system packages: all present"
+  exit 0
+fi
+if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+  echo "system packages missing (install them as root): ${missing[*]}" >&2
+  exit 0
+fi
+echo "installing system packages: ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null

@@ -1,0 +1,182 @@
+"""Real-process fixtures: each test gets its own copy of the service in a temp folder.
+
+srv.ini resolves every path against its own folder (%d), so a copy of srv.py + srv.ini
+beside a generated resource is a complete, isolated instance: its own socket, FIFOs,
+pidfile and log. Every process a test starts is stopped by pid at teardown.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from hotswap import probe, procs  # noqa: E402
+from scripts.gen_resource import write_resource  # noqa: E402
+
+TEST_TERMS = 50_000
+START_TIMEOUT = 60.0
+
+# A release whose import blocks until a file appears: lets tests act "mid-load" without
+# guessing at timings. It writes its pid (the new master's) where the test can read it.
+HANGING_PREAMBLE = '''\
+import os as _os, time as _time
+_here = _os.path.dirname(_os.path.abspath(__file__))
+with open(_os.path.join(_here, "loading.pid"), "w") as _f:
+    _f.write(str(_os.getpid()))
+while not _os.path.exists(_os.path.join(_here, "release.go")):
+    _time.sleep(0.02)
+'''
+
+
+class Service:
+    """One isolated hotswap instance under a temp folder."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        shutil.copy(REPO / "srv.py", root / "srv.py")
+        shutil.copy(REPO / "srv.ini", root / "srv.ini")
+        self.ini = root / "srv.ini"
+        self.socket = root / "run" / "http.sock"
+        self.run_dir = root / "run"
+        self.pidfile = self.run_dir / "master.pid"
+        self.supervisor: subprocess.Popen | None = None
+        self.seen_masters: set[int] = set()
+        self.release(version="v1")
+
+    # -- releases -------------------------------------------------------------------
+    def release(self, version: str, terms: int = TEST_TERMS) -> None:
+        """Deploy a new data release (same code)."""
+        write_resource(str(self.root / "data" / "terms.tsv"), terms, seed=7, version=version)
+
+    def release_code(self, source: str) -> None:
+        (self.root / "srv.py").write_text(source)
+
+    def restore_code(self) -> None:
+        shutil.copy(REPO / "srv.py", self.root / "srv.py")
+
+    def release_hanging_import(self) -> None:
+        for name in ("loading.pid", "release.go"):
+            (self.root / name).unlink(missing_ok=True)
+        self.release_code(HANGING_PREAMBLE + (REPO / "srv.py").read_text().replace(
+            "from __future__ import annotations\n", ""))
+
+    def loading_pid(self, timeout: float = 30.0) -> int:
+        path = self.root / "loading.pid"
+        text = procs.wait_until(lambda: path.exists() and path.read_text().strip(), timeout)
+        assert text, "the hanging release never started loading"
+        return int(text)
+
+    def let_import_finish(self) -> None:
+        (self.root / "release.go").write_text("go")
+
+    # -- processes ------------------------------------------------------------------
+    def cli(self, *args: str, timeout: float = 180.0, env: dict | None = None):
+        """Run `hotswap --ini ... ARGS` to completion; returns CompletedProcess."""
+        return subprocess.run(
+            [sys.executable, "-m", "hotswap", "--ini", str(self.ini), *args],
+            capture_output=True, text=True, timeout=timeout, cwd=self.root,
+            env=dict(os.environ, **(env or {})),
+        )
+
+    def cli_background(self, *args: str) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-m", "hotswap", "--ini", str(self.ini), *args],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=self.root,
+        )
+
+    def start(self, test_routes: bool = True) -> dict:
+        env = dict(os.environ)
+        if test_routes:
+            env["SRV_TEST_ROUTES"] = "1"
+        self.supervisor = subprocess.Popen(
+            [sys.executable, "-m", "hotswap", "--ini", str(self.ini), "start", "--supervise"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=self.root,
+            env=env, start_new_session=True,
+        )
+        return self.wait_ready()
+
+    def wait_ready(self, timeout: float = START_TIMEOUT) -> dict:
+        """Ready = the accepting hook has run and /healthz answers from that master."""
+        def ready():
+            master = procs.read_pidfile(self.pidfile)
+            handover = self.run_dir / "handover.json"
+            health = probe.healthz(self.socket, timeout=2.0) if handover.exists() else None
+            return health if health and health["master_pid"] == master else None
+
+        health = procs.wait_until(ready, timeout, interval=0.05)
+        assert health, f"service did not become ready; log:\n{self.log_tail()}"
+        self.seen_masters.add(health["master_pid"])
+        return health
+
+    def health(self) -> dict:
+        health = probe.healthz(self.socket, timeout=5.0)
+        assert health, "service does not answer /healthz"
+        self.seen_masters.add(health["master_pid"])
+        return health
+
+    def master(self) -> int | None:
+        return procs.read_pidfile(self.pidfile)
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join((self.root / "log" / "uwsgi.log").read_text().splitlines()[-lines:])
+        except FileNotFoundError:
+            return "(no log)"
+
+    def all_pids(self) -> list[int]:
+        """Every process of this instance we know of: supervisor, masters, their children."""
+        roots = set(self.seen_masters)
+        if self.supervisor:
+            roots.add(self.supervisor.pid)
+        if (master := self.master()) is not None:
+            roots.add(master)
+        found = []
+        for pid in roots:
+            if procs.alive(pid):
+                found.append(pid)
+                found.extend(procs.descendants(pid))
+        return sorted(set(found))
+
+    def teardown(self) -> None:
+        if procs.alive(self.master()):
+            self.cli("stop", "--timeout", "20", timeout=60)
+        for pid in self.all_pids():
+            procs.signal_quietly(pid, signal.SIGKILL)
+        if self.supervisor:
+            try:
+                self.supervisor.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.supervisor.kill()
+                self.supervisor.wait(timeout=10)
+            if self.supervisor.stderr:
+                self.supervisor.stderr.close()
+        left = [p for p in self.all_pids() if procs.alive(p)]
+        assert not left, f"processes left behind: {left}"
+
+
+@pytest.fixture
+def service(tmp_path: Path):
+    svc = Service(tmp_path)
+    try:
+        yield svc
+    finally:
+        svc.teardown()
+
+
+def sample_paths(svc: Service, count: int = 50) -> tuple[str, ...]:
+    """/healthz plus lookups of real terms from the service's resource."""
+    paths = ["/healthz"]
+    with open(svc.root / "data" / "terms.tsv") as handle:
+        next(handle)
+        for _, line in zip(range(count), handle, strict=False):
+            paths.append(f"/lookup?q={line.split(chr(9))[0]}")
+    return tuple(paths)

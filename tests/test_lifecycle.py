@@ -1,0 +1,167 @@
+"""start / stop / status / probe with real processes, and every operator mistake."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO, Service
+
+from hotswap import probe, procs
+
+NOT_RUNNING, CONFIG, BUSY = 3, 2, 4
+
+
+def one_clear_line(stderr: str) -> str:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert "Traceback" not in stderr
+    return lines[0]
+
+
+def test_stale_fifos_socket_and_pidfile_at_start(service: Service):
+    run = service.run_dir
+    run.mkdir()
+    os.mkfifo(run / "0.fifo")
+    os.mkfifo(run / "1.fifo")  # the one that hangs worker 1 of the bare recipe
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(run / "http.sock"))
+    stale.close()  # bound, never listened, not unlinked: a dead instance's socket
+    (run / "master.pid").write_text("999999\n")
+    service.start()
+    handover = json.loads((run / "handover.json").read_text())
+    assert handover["retire"] in ("none", "removed stale standby FIFO")
+    assert not (run / "1.fifo").exists()
+    # every worker accepts: four concurrent slow requests land on four distinct workers
+    answers = []
+    threads = [
+        threading.Thread(target=lambda: answers.append(
+            probe.get(service.socket, "/sleep?seconds=1", timeout=20)))
+        for _ in range(4)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert [a.status for a in answers] == [200] * 4
+    assert len({a.json()["worker_pid"] for a in answers}) == 4
+    status = json.loads(service.cli("status", "--json").stdout)
+    assert all(w["accepting"] for w in status["workers"]) and len(status["workers"]) == 4
+
+
+def test_start_refuses_a_second_instance(service: Service):
+    health = service.start()
+    done = service.cli("start", timeout=30)
+    assert done.returncode == BUSY
+    assert f"already running: master {health['master_pid']}" in one_clear_line(done.stderr)
+    assert service.health()["master_pid"] == health["master_pid"]
+
+
+@pytest.mark.parametrize("command", [["reload"], ["stop"], ["status"], ["recover"]])
+def test_commands_with_nothing_running(service: Service, command):
+    started = time.monotonic()
+    done = service.cli(*command, timeout=30)
+    assert time.monotonic() - started < 10
+    if command == ["recover"]:
+        assert done.returncode == 0 and "nothing to recover" in done.stdout
+        return
+    assert done.returncode == NOT_RUNNING, done.stderr
+    if command != ["status"]:
+        assert "nothing is running" in one_clear_line(done.stderr)
+    else:
+        assert "stopped" in done.stdout
+
+
+def test_probe_exit_codes(service: Service):
+    assert service.cli("probe").returncode == 2  # nothing listening: CRITICAL
+    service.start()
+    ok = service.cli("probe")
+    assert ok.returncode == 0 and ok.stdout.startswith("OK - GET /healthz -> 200")
+    assert service.cli("probe", "--path", "/nope").returncode == 1  # 404: WARNING
+    assert service.cli("probe", "--path", "/nope", "--expect-status", "404").returncode == 0
+    assert service.cli("probe", "--path", "nope").returncode == 3  # UNKNOWN
+    bad = service.cli("probe", "--path", "/sleep?seconds=5", "--timeout", "0.5")
+    assert bad.returncode == 2 and "CRITICAL" in bad.stderr
+
+
+@pytest.mark.parametrize("script", ["check-curl.sh", "check-socat.sh"])
+def test_shell_health_checks(service: Service, script: str):
+    path = REPO / "scripts" / script
+    down = subprocess.run([path, str(service.socket)], capture_output=True, text=True,
+                          timeout=30)
+    assert down.returncode == 2, down.stderr
+    service.start()
+    up = subprocess.run([path, str(service.socket)], capture_output=True, text=True,
+                        timeout=30)
+    assert up.returncode == 0 and up.stdout.startswith("OK - GET /healthz -> 200"), up.stderr
+    assert '"status":"ok"' in up.stdout
+    missing = subprocess.run([path, str(service.socket), "/nope"], capture_output=True,
+                             text=True, timeout=30)
+    assert missing.returncode == 1
+
+
+def test_graceful_stop_finishes_inflight_request(service: Service):
+    health = service.start()
+    answers = {}
+
+    def slow():
+        answers["slow"] = probe.get(service.socket, "/sleep?seconds=2", timeout=30)
+
+    thread = threading.Thread(target=slow)
+    thread.start()
+    assert procs.wait_until(lambda: _any_busy(service), 10)
+    done = service.cli("stop", "--timeout", "30")
+    assert done.returncode == 0, done.stderr
+    assert f"stopped master {health['master_pid']}" in done.stdout
+    thread.join(timeout=30)
+    assert answers["slow"].status == 200
+    assert not procs.alive(health["master_pid"])
+    # the supervisor (foreground `hotswap start`) exits with the last master
+    assert service.supervisor.wait(timeout=10) == 0
+    assert not service.socket.exists() and not (service.run_dir / "0.fifo").exists()
+    assert service.all_pids() == []
+
+
+def _any_busy(service: Service) -> bool:
+    status = json.loads(service.cli("status", "--json").stdout)
+    return any(w["status"] == "busy" for w in status["workers"])
+
+
+def test_status_reports_master_generation_workers_and_last_reload(service: Service):
+    health = service.start()
+    service.release(version="v2")
+    assert service.cli("reload").returncode == 0
+    status = json.loads(service.cli("status", "--json").stdout)
+    assert status["running"] and status["master_pid"] == service.master() != health["master_pid"]
+    service.seen_masters.add(status["master_pid"])
+    assert status["generation"].startswith("v2+")
+    assert status["socket"] == str(service.socket) and os.path.isabs(status["socket"])
+    assert len(status["workers"]) == 4
+    assert status["last_reload"]["ok"] is True
+    text = service.cli("status").stdout
+    assert "running     master" in text and "last reload ok" in text
+
+
+def test_bad_ini_is_one_clear_line(tmp_path: Path):
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "hotswap", *args], capture_output=True,
+                              text=True, timeout=30, cwd=tmp_path)
+
+    missing = run("--ini", str(tmp_path / "nope.ini"), "status")
+    assert missing.returncode == CONFIG
+    assert "no such ini file" in one_clear_line(missing.stderr)
+    (tmp_path / "partial.ini").write_text("[uwsgi]\nrun_dir = %drun\n")
+    partial = run("--ini", str(tmp_path / "partial.ini"), "reload")
+    assert partial.returncode == CONFIG
+    assert "does not set fifo_live" in one_clear_line(partial.stderr)
+    directory = run("--ini", str(tmp_path), "stop")
+    assert directory.returncode == CONFIG and "not a file" in one_clear_line(directory.stderr)
+    usage = run("reload", "--timeout", "soon")
+    assert usage.returncode == 2 and "Traceback" not in usage.stderr

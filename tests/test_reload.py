@@ -1,0 +1,177 @@
+"""Reloads against real uWSGI masters under load: nothing lost, every fault rolled back."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+
+from conftest import Service, sample_paths
+
+from bench.loadgen import LoadGenerator, summarize
+from hotswap import probe, procs
+
+CONNECTIONS = 32
+
+
+def reload_json(service: Service, *args: str) -> tuple[int, dict]:
+    done = service.cli("reload", "--json", *args)
+    result = json.loads(done.stdout)
+    if result.get("new_master"):
+        service.seen_masters.add(result["new_master"])
+    return done.returncode, result
+
+
+def assert_serving(service: Service, master: int, generation: str) -> None:
+    health = service.health()
+    assert health["master_pid"] == master
+    assert health["generation"] == generation
+    status = json.loads(service.cli("status", "--json").stdout)
+    assert status["fifos"]["live"]["state"] == "listening"
+    assert status["fifos"]["standby"]["state"] == "missing", "stale standby FIFO left behind"
+
+
+def test_five_reloads_under_load_lose_nothing(service: Service):
+    health = service.start()
+    load = LoadGenerator(str(service.socket), CONNECTIONS, sample_paths(service), max_seconds=240)
+    with load:
+        for n in range(2, 7):
+            service.release(version=f"v{n}")
+            code, result = reload_json(service)
+            assert code == 0, result
+            after = service.health()
+            assert after["generation"] != health["generation"]
+            assert after["generation"] == result["new_generation"] == f"v{n}+" + after[
+                "generation"].split("+")[1]
+            assert after["master_pid"] == result["new_master"] != health["master_pid"]
+            assert not procs.alive(health["master_pid"]), "old master left running"
+            health = after
+    summary = summarize(load.records)
+    assert summary["requests"] > 500, summary
+    assert summary["failed"] == 0, summary
+    assert len(summary["generations"]) == 6, summary
+
+
+def test_reload_prints_phases_and_outcome(service: Service):
+    service.start()
+    service.release(version="v2")
+    done = service.cli("reload")
+    assert done.returncode == 0, done.stderr
+    for phase in ("preflight", "forking", "loading", "retiring", "verifying", "done"):
+        assert phase in done.stdout
+    assert done.stdout.strip().splitlines()[-1].startswith("reload ok in ")
+    assert "v1+" in done.stdout and "v2+" in done.stdout
+
+
+def _failed_release_keeps_old_serving(service: Service, expected_code: int, cause: str,
+                                      make_broken, *reload_args: str) -> None:
+    before = service.start()
+    with LoadGenerator(str(service.socket), CONNECTIONS, sample_paths(service)) as load:
+        make_broken()
+        done = service.cli("reload", *reload_args)
+        assert done.returncode == expected_code, done.stdout + done.stderr
+        assert "reload FAILED" in done.stderr and cause in done.stderr
+        assert "Traceback" not in done.stderr.splitlines()[0]
+        assert_serving(service, before["master_pid"], before["generation"])
+        # the fixed release then reloads fine
+        service.restore_code()
+        service.release(version="v2")
+        code, result = reload_json(service)
+        assert code == 0, result
+    summary = summarize(load.records)
+    assert summary["failed"] == 0, summary
+    assert service.health()["generation"].startswith("v2+")
+
+
+def test_import_error_rolls_back(service: Service):
+    def broken():
+        service.release_code("raise ImportError('release 42 is broken')\n")
+
+    _failed_release_keeps_old_serving(service, 1, "release 42 is broken", broken)
+
+
+def test_corrupt_resource_rolls_back(service: Service):
+    def corrupt():
+        path = service.root / "data" / "terms.tsv"
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
+
+    _failed_release_keeps_old_serving(service, 1, "checksum mismatch", corrupt)
+
+
+def test_import_hanging_past_timeout_is_killed(service: Service):
+    before = service.start()
+    with LoadGenerator(str(service.socket), CONNECTIONS, sample_paths(service)) as load:
+        service.release_hanging_import()
+        done = service.cli("reload", "--timeout", "3")
+        hung_master = service.loading_pid()
+        assert done.returncode == 5, done.stdout + done.stderr
+        assert "not ready within --timeout 3s" in done.stderr
+        assert not procs.alive(hung_master), "the hung new master was not killed"
+        assert_serving(service, before["master_pid"], before["generation"])
+        service.restore_code()
+        service.release(version="v2")
+        code, result = reload_json(service)
+        assert code == 0, result
+    assert summarize(load.records)["failed"] == 0
+
+
+def test_new_master_killed_mid_load(service: Service):
+    before = service.start()
+    with LoadGenerator(str(service.socket), CONNECTIONS, sample_paths(service)) as load:
+        service.release_hanging_import()
+        reload = service.cli_background("reload")
+        new_master = service.loading_pid()
+        assert new_master != before["master_pid"]
+        os.kill(new_master, signal.SIGKILL)
+        out, err = reload.communicate(timeout=60)
+        assert reload.returncode == 1, out + err
+        assert f"new master {new_master} exited while loading" in err
+        assert_serving(service, before["master_pid"], before["generation"])
+        service.restore_code()
+        service.release(version="v2")
+        code, result = reload_json(service)
+        assert code == 0, result
+    assert summarize(load.records)["failed"] == 0
+
+
+def test_second_reload_is_refused_while_one_runs(service: Service):
+    service.start()
+    service.release_hanging_import()
+    first = service.cli_background("reload")
+    service.loading_pid()
+    second = service.cli("reload", timeout=30)
+    assert second.returncode == 4, second.stderr
+    assert "reload is in progress" in second.stderr
+    assert len(second.stderr.strip().splitlines()) == 1
+    # stop is refused too while the swap runs
+    assert service.cli("stop").returncode == 4
+    service.let_import_finish()
+    out, err = first.communicate(timeout=60)
+    assert first.returncode == 0, out + err
+    service.seen_masters.add(service.master())
+
+
+def test_inflight_slow_request_survives_reload(service: Service):
+    before = service.start()
+    answers = {}
+
+    def slow():
+        answers["slow"] = probe.get(service.socket, "/sleep?seconds=2", timeout=30)
+
+    thread = threading.Thread(target=slow)
+    thread.start()
+    # the request is in flight once a worker of the old master is busy
+    assert procs.wait_until(lambda: _busy_workers(service), 10)
+    service.release(version="v2")
+    assert service.cli("reload").returncode == 0
+    thread.join(timeout=30)
+    assert answers["slow"].status == 200
+    assert answers["slow"].json()["generation"] == before["generation"]
+
+
+def _busy_workers(service: Service) -> int:
+    status = json.loads(service.cli("status", "--json").stdout)
+    return sum(1 for w in status["workers"] if w["status"] == "busy")
