@@ -38,6 +38,19 @@ def fail(error: HotswapError) -> None:
     sys.exit(int(error.code))
 
 
+class Group(click.Group):
+    """Turns an operator's permission problem into one line instead of a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except PermissionError as exc:
+            fail(HotswapError(
+                f"permission denied: {exc.filename or exc} (run as the service's user?)",
+                ExitCode.CONFIG,
+            ))
+
+
 class Context:
     def __init__(self, ini: str) -> None:
         self.ini = ini
@@ -53,7 +66,7 @@ class Context:
 pass_context = click.make_pass_decorator(Context)
 
 
-@click.group(epilog=EXIT_CODES_HELP)
+@click.group(cls=Group, epilog=EXIT_CODES_HELP)
 @click.option(
     "--ini", envvar="HOTSWAP_INI", default="srv.ini", show_default=True,
     help="uWSGI config that names every path (env HOTSWAP_INI).",

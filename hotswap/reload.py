@@ -150,6 +150,18 @@ def log_size(cfg: Config) -> int:
         return 0
 
 
+EXCEPTION_LINE_RE = re.compile(r"^\s*([A-Za-z_][\w.]*(?:Error|Exception|Exit)\b.*)$")
+
+
+def cause_from(log_tail: list[str]) -> str:
+    """': <the last exception line>' from a startup log tail, or '' if none."""
+    for line in reversed(log_tail):
+        match = EXCEPTION_LINE_RE.match(line)
+        if match:
+            return f": {match.group(1).strip()}"
+    return ""
+
+
 class Reload:
     """One swap. `run()` returns a ReloadResult; `on_phase` hears each step as it happens."""
 
@@ -221,8 +233,9 @@ class Reload:
             except ReloadFailed as failure:
                 tail = self.log_tail()
                 self.roll_back()
-                self.enter(Phase.FAILED, failure.message)
-                return self.result(False, failure.code, failure.message, tail)
+                message = failure.message + cause_from(tail)
+                self.enter(Phase.FAILED, message)
+                return self.result(False, failure.code, message, tail)
             return self.finish()
 
     def preflight(self) -> None:
