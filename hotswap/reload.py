@@ -35,7 +35,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 
-from . import fifo, probe, procs
+from . import fifo, probe, procs, stats
 from .config import Config
 from .errors import ExitCode, HotswapError
 
@@ -101,6 +101,7 @@ def reload_lock(cfg: Config, action: str = "start another") -> Iterator[None]:
                 f"a reload is in progress (pid {holder}); refusing to {action}",
                 ExitCode.BUSY,
             ) from None
+        cfg.give_to_service(cfg.lock_file)
         handle.seek(0)
         handle.truncate()
         handle.write(str(os.getpid()))
@@ -217,6 +218,7 @@ class Reload:
         tmp = f"{self.cfg.last_reload_file}.tmp.{os.getpid()}"
         with open(tmp, "w") as handle:
             json.dump(result.to_json(), handle, indent=1)
+        self.cfg.give_to_service(tmp)
         os.replace(tmp, self.cfg.last_reload_file)
 
     # -- the machine -------------------------------------------------------------------
@@ -349,6 +351,16 @@ class Reload:
             self.woke_old_master = True
         return False
 
+    def _all_workers_accepting(self) -> str | None:
+        """'n/n' once the stats socket (re-bound by the newest master) shows every worker of
+        the new master accepting."""
+        document = stats.read(self.cfg.stats_socket)
+        if not document or document.get("pid") != self.new_master:
+            return None
+        workers = stats.workers(document)
+        ready = sum(1 for w in workers if w["accepting"])
+        return f"{ready}/{len(workers)}" if workers and ready == len(workers) else None
+
     def finish(self) -> ReloadResult:
         cfg = self.cfg
         gone = procs.wait_until(self._old_master_gone, self.remaining(), interval=0.05)
@@ -371,6 +383,11 @@ class Reload:
             self.enter(Phase.FAILED, message)
             return self.result(False, ExitCode.INCONSISTENT, message, self.log_tail())
         self.new_generation = health.get("generation", self.new_generation)
+        accepting = procs.wait_until(self._all_workers_accepting, min(VERIFY_TIMEOUT, 2.0))
+        if accepting:
+            self.enter(
+                Phase.VERIFYING, f"{accepting} workers of master {self.new_master} accepting"
+            )
         # A retired master re-creates its FIFO on the way out (uwsgi#1492): clear it.
         fifo.remove_if_stale(cfg.fifo_standby)
         message = (
