@@ -151,13 +151,15 @@ def log_size(cfg: Config) -> int:
         return 0
 
 
-EXCEPTION_LINE_RE = re.compile(r"^\s*([A-Za-z_][\w.]*(?:Error|Exception|Exit)\b.*)$")
+# The last line of a Python traceback: "module.path.SomeError: message". uWSGI names a
+# wsgi-file's module after its path, so the qualifier may hold any non-space character.
+EXCEPTION_LINE_RE = re.compile(r"^(?:\S*\.)?(\w*(?:Error|Exception|Exit|Interrupt)\b:?.*)$")
 
 
 def cause_from(log_tail: list[str]) -> str:
     """': <the last exception line>' from a startup log tail, or '' if none."""
     for line in reversed(log_tail):
-        match = EXCEPTION_LINE_RE.match(line)
+        match = EXCEPTION_LINE_RE.match(line.strip())
         if match:
             return f": {match.group(1).strip()}"
     return ""

@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from hotswap import probe, procs  # noqa: E402
+from hotswap import probe, procs, stats  # noqa: E402
 from scripts.gen_resource import write_resource  # noqa: E402
 
 TEST_TERMS = 50_000
@@ -161,6 +162,30 @@ class Service:
                 self.supervisor.stderr.close()
         left = [p for p in self.all_pids() if procs.alive(p)]
         assert not left, f"processes left behind: {left}"
+
+
+class SlowRequest:
+    """GET /sleep in a thread; returns once a worker is busy with it (the request is
+    in flight), so the test can then reload or stop underneath it."""
+
+    def __init__(self, service: Service, seconds: float) -> None:
+        self.answer: probe.Answer | None = None
+        self.thread = threading.Thread(target=self._run, args=(service, seconds))
+        self.thread.start()
+        assert procs.wait_until(lambda: busy_workers(service), 10), "request never started"
+
+    def _run(self, service: Service, seconds: float) -> None:
+        self.answer = probe.get(service.socket, f"/sleep?seconds={seconds}", timeout=30)
+
+    def result(self) -> probe.Answer:
+        self.thread.join(timeout=30)
+        assert self.answer is not None, "the slow request got no answer"
+        return self.answer
+
+
+def busy_workers(service: Service) -> int:
+    document = stats.read(service.run_dir / "stats.sock")
+    return sum(1 for w in stats.workers(document or {}) if w["status"] == "busy")
 
 
 @pytest.fixture

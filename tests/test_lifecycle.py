@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, Service
+from conftest import REPO, Service, SlowRequest
 
 from hotswap import probe, procs
 
@@ -109,29 +109,16 @@ def test_shell_health_checks(service: Service, script: str):
 
 def test_graceful_stop_finishes_inflight_request(service: Service):
     health = service.start()
-    answers = {}
-
-    def slow():
-        answers["slow"] = probe.get(service.socket, "/sleep?seconds=2", timeout=30)
-
-    thread = threading.Thread(target=slow)
-    thread.start()
-    assert procs.wait_until(lambda: _any_busy(service), 10)
+    slow = SlowRequest(service, seconds=2)
     done = service.cli("stop", "--timeout", "30")
     assert done.returncode == 0, done.stderr
     assert f"stopped master {health['master_pid']}" in done.stdout
-    thread.join(timeout=30)
-    assert answers["slow"].status == 200
+    assert slow.result().status == 200
     assert not procs.alive(health["master_pid"])
     # the supervisor (foreground `hotswap start`) exits with the last master
     assert service.supervisor.wait(timeout=10) == 0
     assert not service.socket.exists() and not (service.run_dir / "0.fifo").exists()
     assert service.all_pids() == []
-
-
-def _any_busy(service: Service) -> bool:
-    status = json.loads(service.cli("status", "--json").stdout)
-    return any(w["status"] == "busy" for w in status["workers"])
 
 
 def test_status_reports_master_generation_workers_and_last_reload(service: Service):

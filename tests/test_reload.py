@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import threading
+import subprocess
 
-from conftest import Service, sample_paths
+import pytest
+from conftest import Service, SlowRequest, sample_paths
 
 from bench.loadgen import LoadGenerator, summarize
-from hotswap import probe, procs
+from hotswap import procs
 
 CONNECTIONS = 32
 
@@ -64,15 +65,48 @@ def test_reload_prints_phases_and_outcome(service: Service):
     assert "v1+" in done.stdout and "v2+" in done.stdout
 
 
-def _failed_release_keeps_old_serving(service: Service, expected_code: int, cause: str,
-                                      make_broken, *reload_args: str) -> None:
+def import_error(service: Service):
+    service.release_code("raise ImportError('release 42 is broken')\n")
+    return service.cli("reload"), 1, "ImportError: release 42 is broken"
+
+
+def corrupt_resource(service: Service):
+    path = service.root / "data" / "terms.tsv"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    return service.cli("reload"), 1, "checksum mismatch"
+
+
+def import_hangs_past_timeout(service: Service):
+    service.release_hanging_import()
+    done = service.cli("reload", "--timeout", "3")
+    assert not procs.alive(service.loading_pid()), "the hung new master was not killed"
+    return done, 5, "not ready within --timeout 3s"
+
+
+def new_master_killed_mid_load(service: Service):
+    service.release_hanging_import()
+    reload = service.cli_background("reload")
+    new_master = service.loading_pid()
+    assert new_master not in service.seen_masters
+    os.kill(new_master, signal.SIGKILL)
+    out, err = reload.communicate(timeout=60)
+    done = subprocess.CompletedProcess(reload.args, reload.returncode, out, err)
+    return done, 1, f"new master {new_master} exited while loading"
+
+
+@pytest.mark.parametrize(
+    "break_release",
+    [import_error, corrupt_resource, import_hangs_past_timeout, new_master_killed_mid_load],
+)
+def test_failed_release_rolls_back_under_load(service: Service, break_release):
     before = service.start()
     with LoadGenerator(str(service.socket), CONNECTIONS, sample_paths(service)) as load:
-        make_broken()
-        done = service.cli("reload", *reload_args)
+        done, expected_code, cause = break_release(service)
         assert done.returncode == expected_code, done.stdout + done.stderr
-        assert "reload FAILED" in done.stderr and cause in done.stderr
-        assert "Traceback" not in done.stderr.splitlines()[0]
+        first_line = done.stderr.splitlines()[0]
+        assert first_line.startswith("hotswap: reload FAILED") and cause in first_line
         assert_serving(service, before["master_pid"], before["generation"])
         # the fixed release then reloads fine
         service.restore_code()
@@ -82,59 +116,6 @@ def _failed_release_keeps_old_serving(service: Service, expected_code: int, caus
     summary = summarize(load.records)
     assert summary["failed"] == 0, summary
     assert service.health()["generation"].startswith("v2+")
-
-
-def test_import_error_rolls_back(service: Service):
-    def broken():
-        service.release_code("raise ImportError('release 42 is broken')\n")
-
-    _failed_release_keeps_old_serving(service, 1, "release 42 is broken", broken)
-
-
-def test_corrupt_resource_rolls_back(service: Service):
-    def corrupt():
-        path = service.root / "data" / "terms.tsv"
-        data = bytearray(path.read_bytes())
-        data[len(data) // 2] ^= 0xFF
-        path.write_bytes(bytes(data))
-
-    _failed_release_keeps_old_serving(service, 1, "checksum mismatch", corrupt)
-
-
-def test_import_hanging_past_timeout_is_killed(service: Service):
-    before = service.start()
-    with LoadGenerator(str(service.socket), CONNECTIONS, sample_paths(service)) as load:
-        service.release_hanging_import()
-        done = service.cli("reload", "--timeout", "3")
-        hung_master = service.loading_pid()
-        assert done.returncode == 5, done.stdout + done.stderr
-        assert "not ready within --timeout 3s" in done.stderr
-        assert not procs.alive(hung_master), "the hung new master was not killed"
-        assert_serving(service, before["master_pid"], before["generation"])
-        service.restore_code()
-        service.release(version="v2")
-        code, result = reload_json(service)
-        assert code == 0, result
-    assert summarize(load.records)["failed"] == 0
-
-
-def test_new_master_killed_mid_load(service: Service):
-    before = service.start()
-    with LoadGenerator(str(service.socket), CONNECTIONS, sample_paths(service)) as load:
-        service.release_hanging_import()
-        reload = service.cli_background("reload")
-        new_master = service.loading_pid()
-        assert new_master != before["master_pid"]
-        os.kill(new_master, signal.SIGKILL)
-        out, err = reload.communicate(timeout=60)
-        assert reload.returncode == 1, out + err
-        assert f"new master {new_master} exited while loading" in err
-        assert_serving(service, before["master_pid"], before["generation"])
-        service.restore_code()
-        service.release(version="v2")
-        code, result = reload_json(service)
-        assert code == 0, result
-    assert summarize(load.records)["failed"] == 0
 
 
 def test_second_reload_is_refused_while_one_runs(service: Service):
@@ -156,22 +137,9 @@ def test_second_reload_is_refused_while_one_runs(service: Service):
 
 def test_inflight_slow_request_survives_reload(service: Service):
     before = service.start()
-    answers = {}
-
-    def slow():
-        answers["slow"] = probe.get(service.socket, "/sleep?seconds=2", timeout=30)
-
-    thread = threading.Thread(target=slow)
-    thread.start()
-    # the request is in flight once a worker of the old master is busy
-    assert procs.wait_until(lambda: _busy_workers(service), 10)
+    slow = SlowRequest(service, seconds=2)
     service.release(version="v2")
     assert service.cli("reload").returncode == 0
-    thread.join(timeout=30)
-    assert answers["slow"].status == 200
-    assert answers["slow"].json()["generation"] == before["generation"]
-
-
-def _busy_workers(service: Service) -> int:
-    status = json.loads(service.cli("status", "--json").stdout)
-    return sum(1 for w in status["workers"] if w["status"] == "busy")
+    answer = slow.result()
+    assert answer.status == 200
+    assert answer.json()["generation"] == before["generation"]
