@@ -9,7 +9,7 @@ import sys
 
 import click
 
-from . import config, probe
+from . import config, notify, probe
 from . import instance as inst
 from .errors import ExitCode, HotswapError
 from .reload import Phase, reload
@@ -129,6 +129,14 @@ def reload_cmd(ctx: Context, timeout: float, as_json: bool) -> None:
         result = reload(ctx.cfg, timeout, show)
     except HotswapError as error:
         fail(error)
+    if not result.ok and result.old_master:
+        # Under systemd (ExecReload), keep the unit's status line true: the old generation
+        # still serves, and the swap failed. Only STATUS=: the main pid has not changed.
+        notify.notify(
+            f"STATUS=Serving generation {result.old_generation} (master {result.old_master}); "
+            f"last reload FAILED: {result.message}"[:400],
+            barrier=False,
+        )
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=1))
     elif result.ok:

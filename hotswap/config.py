@@ -80,8 +80,13 @@ def _uwsgi_get(uwsgi: Path, ini: Path, keys: list[str]) -> list[str]:
     args = [str(uwsgi), "--ini", str(ini)]
     for key in keys:
         args += ["--get", key]
+    # uWSGI sends "STATUS=initializing uWSGI" to $NOTIFY_SOCKET even for --get, which
+    # would overwrite the unit's status line each time the CLI reads its config.
+    env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
     try:
-        done = subprocess.run(args, capture_output=True, text=True, timeout=10, check=False)
+        done = subprocess.run(
+            args, capture_output=True, text=True, timeout=10, check=False, env=env
+        )
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise HotswapError(f"cannot run {uwsgi} to read {ini}: {exc}", ExitCode.CONFIG) from exc
     if done.returncode != 0:

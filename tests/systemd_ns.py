@@ -44,6 +44,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from hotswap.procs import wait_until
+
 SYSTEMD = "/lib/systemd/systemd"
 T = TypeVar("T")
 
@@ -55,20 +57,22 @@ class HarnessError(RuntimeError):
 def wait_for(
     predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.05
 ) -> T:
-    """Poll predicate until it returns something truthy; raise after timeout seconds."""
-    deadline = time.monotonic() + timeout
-    last_exc: BaseException | None = None
-    while True:
+    """hotswap's wait_until, raising a TimeoutError that names `what` (and the last error
+    the predicate raised) instead of returning None."""
+    errors: list[BaseException] = []
+
+    def attempt() -> T | None:
         try:
-            value = predicate()
-            if value:
-                return value
+            return predicate()
         except Exception as exc:  # noqa: BLE001 - the last error is reported on timeout
-            last_exc = exc
-        if time.monotonic() >= deadline:
-            detail = f" (last error: {last_exc!r})" if last_exc else ""
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}{detail}")
-        time.sleep(interval)
+            errors[:] = [exc]
+            return None
+
+    value = wait_until(attempt, timeout, interval)
+    if not value:
+        detail = f" (last error: {errors[0]!r})" if errors else ""
+        raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}{detail}")
+    return value
 
 
 def unavailable_reason() -> str | None:
@@ -107,6 +111,21 @@ def _own_cgroup2_path() -> str:
             if line.startswith("0::"):
                 return line[3:].strip()
     return "/"
+
+
+def _remove_cgroup_tree(root: Path) -> None:
+    """rmdir a cgroup and its children, deepest first (fails if a process is left in it)."""
+    for dirpath, _dirs, _files in sorted(os.walk(root), key=lambda e: -e[0].count("/")):
+        os.rmdir(dirpath)
+
+
+def _remove_stale_cgroups(parent: Path) -> None:
+    """Remove empty hotswap-nssd-* trees that an interrupted earlier run left behind."""
+    for stale in parent.glob("hotswap-nssd-*"):
+        try:
+            _remove_cgroup_tree(stale)
+        except OSError:
+            pass  # still in use (another run) or not empty: leave it alone
 
 
 # Stand-ins for the distro units that services reference through DefaultDependencies, and
@@ -243,13 +262,33 @@ class NamespaceSystemd:
         mount = _cgroup2_mount()
         assert mount is not None
         parent = Path(mount + _own_cgroup2_path())
+        _remove_stale_cgroups(parent)
         self.cgroup_dir = parent / f"hotswap-nssd-{self.token}"
         self.cgroup_dir.mkdir()
         started = time.monotonic()
         # The launcher moves itself into the new cgroup, so the cgroup namespace created by
         # unshare is rooted there; setsid detaches it from the test's terminal and signals.
         console = open(self.console_log, "ab")  # noqa: SIM115 - closed below
-        self.launcher = subprocess.Popen(
+        try:
+            self.launcher = self._spawn(console)
+        except BaseException:
+            _remove_cgroup_tree(self.cgroup_dir)
+            self.cgroup_dir = None
+            raise
+        finally:
+            console.close()
+        try:
+            self.pid = wait_for(self._find_pid1, timeout, "the namespace's PID 1")
+            wait_for(self._is_running, timeout, "systemd to finish booting", interval=0.1)
+        except BaseException:
+            self.stop()
+            raise
+        self.boot_seconds = time.monotonic() - started
+        return self
+
+    def _spawn(self, console) -> subprocess.Popen:
+        assert self.cgroup_dir is not None
+        return subprocess.Popen(
             [
                 "sh", "-c",
                 'echo $$ > "$0/cgroup.procs" && exec "$@"',
@@ -263,15 +302,6 @@ class NamespaceSystemd:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        console.close()
-        try:
-            self.pid = wait_for(self._find_pid1, timeout, "the namespace's PID 1")
-            wait_for(self._is_running, timeout, "systemd to finish booting", interval=0.1)
-        except BaseException:
-            self.stop()
-            raise
-        self.boot_seconds = time.monotonic() - started
-        return self
 
     def _find_pid1(self) -> int | None:
         assert self.launcher is not None
@@ -319,10 +349,7 @@ class NamespaceSystemd:
             self.launcher.wait(timeout=15)
         if self.cgroup_dir is not None and self.cgroup_dir.exists():
             wait_for(lambda: not self.cgroup_pids(), 15.0, "the manager's cgroup to empty")
-            for dirpath, _dirs, _files in sorted(
-                os.walk(self.cgroup_dir), key=lambda entry: -entry[0].count("/")
-            ):
-                os.rmdir(dirpath)
+            _remove_cgroup_tree(self.cgroup_dir)
             self.cgroup_dir = None
 
     def __enter__(self) -> NamespaceSystemd:
