@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 
 import click
@@ -49,6 +48,10 @@ class Group(click.Group):
                 f"permission denied: {exc.filename or exc} (run as the service's user?)",
                 ExitCode.CONFIG,
             ))
+        except OSError as exc:
+            # e.g. the run dir is a file: the system's words, with the path, in one line
+            where = f": {exc.filename}" if exc.filename else ""
+            fail(HotswapError(f"{exc.strerror or exc}{where}", ExitCode.CONFIG))
 
 
 class Context:
@@ -89,7 +92,8 @@ def start(ctx: Context, exec_mode: bool | None) -> None:
     """Run the service in the foreground (what systemd's ExecStart runs)."""
     try:
         cfg = ctx.cfg
-        for path in inst.prepare_start(cfg):
+        lock_fd, removed = inst.prepare_start(cfg)
+        for path in removed:
             click.echo(f"hotswap: removed stale {path}", err=True)
     except HotswapError as error:
         fail(error)
@@ -104,32 +108,28 @@ def start(ctx: Context, exec_mode: bool | None) -> None:
     click.echo(f"hotswap: starting uWSGI on {cfg.http_socket} (log: {cfg.log_file})", err=True)
     if exec_mode:
         os.execve(argv[0], argv, env)
-    sys.exit(Supervisor(cfg, argv, env).run())
-
-
-def _raise_interrupt(signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt
+    sys.exit(Supervisor(cfg, argv, env, lock_fd).run())
 
 
 @main.command(name="reload", epilog=EXIT_CODES_HELP)
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=300.0, show_default=True,
               help="Seconds for the whole swap, the new release's import included.")
+@click.option("--drain", "drain_timeout", type=click.FloatRange(min=0.0), default=90.0,
+              show_default=True, help="Seconds to wait for the old generation's in-flight "
+              "requests once the new one serves (past it, reload succeeds with a warning).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @pass_context
-def reload_cmd(ctx: Context, timeout: float, as_json: bool) -> None:
+def reload_cmd(ctx: Context, timeout: float, drain_timeout: float, as_json: bool) -> None:
     """Swap in a new generation; return when it serves and the old one is gone."""
-    # systemd ends a slow ExecReload with SIGTERM: roll back rather than die mid-swap.
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-
     def show(phase: Phase, at: float, detail: str) -> None:
         if not as_json:
             click.echo(f"  [{at:7.2f}s] {phase.value:<12} {detail}")
 
     try:
-        result = reload(ctx.cfg, timeout, show)
+        result = reload(ctx.cfg, timeout, drain_timeout, show)
     except HotswapError as error:
         fail(error)
-    if not result.ok and result.old_master:
+    if result.rolled_back:
         # Under systemd (ExecReload), keep the unit's status line true: the old generation
         # still serves, and the swap failed. Only STATUS=: the main pid has not changed.
         notify.notify(
@@ -141,6 +141,8 @@ def reload_cmd(ctx: Context, timeout: float, as_json: bool) -> None:
         click.echo(json.dumps(result.to_json(), indent=1))
     elif result.ok:
         click.echo(f"reload ok in {result.seconds:.2f}s: {result.message}")
+        for warning in result.warnings:
+            click.echo(f"hotswap: warning: {warning}", err=True)
     else:
         click.echo(
             f"hotswap: reload FAILED after {result.seconds:.2f}s: {result.message}", err=True
@@ -177,7 +179,12 @@ def _format_status(report: dict) -> str:
         if health:
             lines.append(f"loaded      {health.get('loaded_at')} in {health.get('load_seconds')}s")
     else:
-        lines.append("stopped     no live master")
+        lines.append("stopped     no master serves")
+    if report["parked_master_pid"]:
+        lines.append(f"parked      master {report['parked_master_pid']} on the standby FIFO "
+                     "(retiring, or left by an interrupted swap: `hotswap recover`)")
+    for pid in report["loading_master_pids"]:
+        lines.append(f"loading     master {pid} (a release being imported)")
     for worker in report["workers"]:
         lines.append(f"worker {worker['id']:<4} pid {worker['pid']:<8} {worker['status']:<8} "
                      f"{worker['requests']} requests")
@@ -232,10 +239,10 @@ def probe_cmd(ctx: Context, path: str, timeout: float, expect_status: int,
 def stop(ctx: Context, timeout: float) -> None:
     """Stop gracefully: in-flight requests finish, then the master exits; files are cleaned."""
     try:
-        master = inst.stop(ctx.cfg, timeout)
+        masters = inst.stop(ctx.cfg, timeout)
     except HotswapError as error:
         fail(error)
-    click.echo(f"stopped master {master}")
+    click.echo(f"stopped master {', '.join(map(str, masters))}")
 
 
 @main.command()

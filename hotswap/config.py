@@ -53,15 +53,6 @@ class Config:
     def last_reload_file(self) -> Path:
         return self.run_dir / "last-reload.json"
 
-    def give_to_service(self, path: os.PathLike | str) -> None:
-        """Make a file root just created belong to the run dir's owner (the service user),
-        so the service's own `hotswap reload` (systemd's ExecReload) can still write it."""
-        if os.geteuid() != 0:
-            return
-        owner = os.stat(self.run_dir)
-        if owner.st_uid != 0:
-            os.chown(path, owner.st_uid, owner.st_gid)
-
 
 def find_uwsgi() -> Path:
     """The uwsgi binary installed beside this Python (the venv), else the one on PATH."""

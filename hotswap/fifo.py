@@ -1,11 +1,15 @@
-"""The uWSGI master FIFO protocol, spoken without ever blocking.
+"""The uWSGI master FIFO protocol, spoken without ever blocking or disturbing a master.
 
 A shell `echo q > fifo` blocks forever when no master reads the FIFO. Here every write
 opens with O_NONBLOCK: ENXIO means nobody is listening, and we say so.
 
-Note on probing: uWSGI re-creates its FIFO (unlink + mkfifo) each time the last writer
-closes it, so opening a FIFO is not free of effects; it is harmless, and it is the only
-reliable way to learn whether a master reads it.
+uWSGI re-creates its FIFO (unlink + mkfifo + open) each time the last writer closes it.
+Two consequences shape this module:
+- whether a master listens is read from /proc (which process holds the FIFO open), never
+  by opening the FIFO: a probe's open + close would make the master re-create it, and a
+  command written in that gap would find no FIFO;
+- a write retries ENOENT/ENXIO for a moment (SETTLE_SECONDS), in case it lands in such a
+  gap left by another writer.
 """
 
 from __future__ import annotations
@@ -13,14 +17,17 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Iterable
 from enum import Enum
 from pathlib import Path
 
 from . import procs
 
+SETTLE_SECONDS = 0.5
+
 
 class FifoState(str, Enum):
-    LISTENING = "listening"  # a master has it open for reading
+    LISTENING = "listening"  # a process (a uWSGI master) holds it open
     STALE = "stale"  # the FIFO exists but nobody reads it (left by a dead master)
     MISSING = "missing"
     NOT_A_FIFO = "not-a-fifo"
@@ -37,61 +44,75 @@ def _is_fifo(path: Path) -> bool:
         return False
 
 
-def send(path: Path, commands: str) -> None:
-    """Write master-FIFO commands (e.g. "1f", "q", "0") without blocking."""
+def _open_for_write(path: Path) -> int | None:
+    """A non-blocking write end, or None when nobody reads (ENXIO) or the FIFO is gone."""
     if not _is_fifo(path):
-        raise NoReader(errno.ENOENT, f"{path} is missing or not a FIFO")
+        return None
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+        return os.open(path, os.O_WRONLY | os.O_NONBLOCK)
     except OSError as exc:
-        if exc.errno == errno.ENXIO:
-            raise NoReader(errno.ENXIO, f"no master is reading {path}") from exc
-        if exc.errno == errno.ENOENT:
-            raise NoReader(errno.ENOENT, f"{path} disappeared") from exc
+        if exc.errno in (errno.ENXIO, errno.ENOENT):
+            return None
         raise
+
+
+def send(path: Path, commands: str, settle: float = SETTLE_SECONDS) -> None:
+    """Write master-FIFO commands (e.g. "1f", "q", "0"); NoReader if nobody takes them."""
+    fd = procs.wait_until(lambda: _open_for_write(path), settle, interval=0.01)
+    if fd is None:
+        if not os.path.lexists(path):
+            raise NoReader(errno.ENOENT, f"{path} is missing")
+        raise NoReader(errno.ENXIO, f"no master is reading {path}")
     try:
         os.write(fd, commands.encode())
     finally:
         os.close(fd)
 
 
-def state(path: Path) -> FifoState:
+def readers(path: Path, candidates: Iterable[int] | None = None) -> list[int]:
+    """The processes holding `path` open, among `candidates` (default: all we can see)."""
+    pool = procs.all_pids() if candidates is None else candidates
+    return [pid for pid in pool if procs.holds_open(pid, path)]
+
+
+def state(path: Path, candidates: Iterable[int] | None = None) -> FifoState:
     if not os.path.lexists(path):
         return FifoState.MISSING
     if not _is_fifo(path):
         return FifoState.NOT_A_FIFO
+    return FifoState.LISTENING if readers(path, candidates) else FifoState.STALE
+
+
+def remove_if_stale(path: Path) -> bool:
+    """Unlink `path` if it is a FIFO nobody reads; True if it was removed.
+
+    /proc may hide another user's reader, so the verdict is confirmed by a non-blocking
+    open: ENXIO is the kernel saying there is no reader at all.
+    """
+    if state(path) is not FifoState.STALE:
+        return False
+    fd = _open_for_write(path)
+    if fd is not None:
+        os.close(fd)
+        return False
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
-    except OSError as exc:
-        if exc.errno in (errno.ENXIO, errno.ENOENT):
-            return FifoState.STALE if exc.errno == errno.ENXIO else FifoState.MISSING
-        raise
-    os.close(fd)
-    return FifoState.LISTENING
+        path.unlink()
+        return True
+    except FileNotFoundError:
+        return False
 
 
-def move_to_live(standby: Path, live: Path, timeout: float) -> bool:
-    """Send the master parked on `standby` back to slot 0 (`live`).
+def move_to_live(master: int, standby: Path, live: Path, timeout: float) -> bool:
+    """Send `master`, parked on `standby`, back to slot 0 (`live`).
 
     The master switches slot on "0" and re-creates the live FIFO when we close our end;
-    wait until it reads it, then remove the standby FIFO it left. True on success; also
-    True when nobody was parked (the master never left the live FIFO).
+    wait until it holds the live FIFO, then remove the standby FIFO it left. True once the
+    master listens on `live` (also when it never left it).
     """
     try:
         send(standby, "0")
     except NoReader:
         pass
-    listening = procs.wait_until(lambda: state(live) is FifoState.LISTENING, timeout)
+    listening = procs.wait_until(lambda: procs.holds_open(master, live), timeout)
     remove_if_stale(standby)
     return bool(listening)
-
-
-def remove_if_stale(path: Path) -> bool:
-    """Unlink `path` if it is a FIFO nobody reads; True if it was removed."""
-    if state(path) is FifoState.STALE:
-        try:
-            path.unlink()
-            return True
-        except FileNotFoundError:
-            pass
-    return False

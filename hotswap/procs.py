@@ -103,6 +103,34 @@ def kill_group(pgid: int, sig: int = signal.SIGKILL) -> None:
         pass
 
 
+def open_paths(pid: int) -> list[str]:
+    """What the process's file descriptors point at ([] if it is gone or not ours to see)."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return []
+    paths = []
+    for fd in fds:
+        try:
+            paths.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:
+            continue
+    return paths
+
+
+def holds_open(pid: int, path: os.PathLike | str) -> bool:
+    return os.path.abspath(path) in open_paths(pid)
+
+
+def session_leaders_below(pid: int) -> list[int]:
+    """Live children of pid that lead their own session: for a uWSGI master, the masters it
+    re-forked ("f" calls setsid() in the child), as opposed to its workers."""
+    return [
+        child for child in children(pid)
+        if (info := stat(child)) and info.session == child and info.state != "Z"
+    ]
+
+
 def read_pidfile(path: os.PathLike | str) -> int | None:
     try:
         with open(path) as handle:
@@ -110,11 +138,3 @@ def read_pidfile(path: os.PathLike | str) -> int | None:
     except (FileNotFoundError, NotADirectoryError):
         return None
     return int(text) if text.isdigit() else None
-
-
-def write_pidfile(path: os.PathLike | str, pid: int) -> None:
-    """Replace the pidfile atomically, so no reader ever sees it empty."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as handle:
-        handle.write(f"{pid}\n")
-    os.replace(tmp, path)

@@ -33,10 +33,11 @@ def _become_subreaper() -> None:
 
 
 class Supervisor:
-    def __init__(self, cfg: Config, argv: list[str], env: dict[str, str]) -> None:
+    def __init__(self, cfg: Config, argv: list[str], env: dict[str, str], keep_fd: int) -> None:
         self.cfg = cfg
         self.argv = argv
         self.env = env
+        self.keep_fd = keep_fd  # the instance lock, held by uWSGI too
         self.exit_code = 0
         self.stopping = False
         self.announced: int | None = None
@@ -45,8 +46,10 @@ class Supervisor:
         _become_subreaper()
         signal.pthread_sigmask(signal.SIG_BLOCK, WAKE_SIGNALS)
         # uWSGI must not inherit our blocked mask: unblock in the child before exec.
+        # Its own session: a terminal's Ctrl-C reaches only us, and we turn it into a
+        # graceful "q" (uWSGI itself treats SIGINT as "stop now").
         first = subprocess.Popen(
-            self.argv, env=self.env,
+            self.argv, env=self.env, start_new_session=True, pass_fds=(self.keep_fd,),
             preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_UNBLOCK, WAKE_SIGNALS),
         )
         self.first_master = first.pid

@@ -1,0 +1,37 @@
+"""Writing the kit's small state files so that no reader ever sees half of one."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def atomic_write(path: os.PathLike | str, text: str, owner_of: Path | None = None) -> None:
+    """Write beside, then rename over `path`.
+
+    With `owner_of` (a folder), a file root creates there is handed to that folder's owner,
+    so the service user (systemd's ExecReload runs as it) can replace it later.
+    """
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "w") as handle:
+            handle.write(text)
+        if owner_of is not None:
+            give_to_owner_of(tmp, owner_of)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def give_to_owner_of(path: os.PathLike | str, folder: Path) -> None:
+    """When root creates a file in the service's run dir, hand it to the dir's owner (the
+    service user), so the service's own `hotswap reload` (ExecReload) can still write it."""
+    if os.geteuid() != 0:
+        return
+    owner = os.stat(folder)
+    if owner.st_uid != 0:
+        os.chown(path, owner.st_uid, owner.st_gid)

@@ -1,0 +1,83 @@
+"""The reload lock: one swap (or stop, or recover) at a time, refused at once otherwise."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from . import files, procs
+from .config import Config
+from .errors import ExitCode, HotswapError
+
+# `status` peeks at the lock for an instant; a reload that starts in that instant retries
+# briefly rather than being refused.
+CONTENTION_SECONDS = 0.2
+
+
+def _try_lock(handle, mode: int) -> bool:
+    try:
+        fcntl.flock(handle, mode | fcntl.LOCK_NB)
+        return True
+    except OSError as exc:
+        if exc.errno not in (errno.EAGAIN, errno.EACCES):
+            raise
+        return False
+
+
+@contextmanager
+def reload_lock(cfg: Config, action: str) -> Iterator[None]:
+    """Exclusive; if another reload holds it, HotswapError(BUSY) naming its pid."""
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(cfg.lock_file, "a+")  # noqa: SIM115 - held for the whole block
+    try:
+        if not procs.wait_until(lambda: _try_lock(handle, fcntl.LOCK_EX), CONTENTION_SECONDS):
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise HotswapError(
+                f"a reload is in progress (pid {holder}); refusing to {action}", ExitCode.BUSY
+            )
+        files.give_to_owner_of(cfg.lock_file, cfg.run_dir)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        yield
+    finally:
+        handle.close()
+
+
+def holder(cfg: Config) -> int | None:
+    """The pid of a reload running now, or None (a shared lock: never blocks a reload for
+    longer than CONTENTION_SECONDS)."""
+    try:
+        with open(cfg.lock_file) as handle:
+            if _try_lock(handle, fcntl.LOCK_SH):
+                return None
+            text = handle.read().strip()
+            return int(text) if text.isdigit() else -1
+    except FileNotFoundError:
+        return None
+
+
+def hold_instance_lock(cfg: Config) -> int:
+    """Take run/instance.lock for the life of the instance and return its fd.
+
+    `hotswap start` keeps the fd open and inheritable, so uWSGI holds the lock too: a second
+    start racing the first is refused here, before either touches the FIFOs or the socket.
+    """
+    fd = os.open(cfg.run_dir / "instance.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno not in (errno.EAGAIN, errno.EACCES):
+            raise
+        raise HotswapError(
+            f"already running or starting: another process holds {cfg.run_dir}/instance.lock",
+            ExitCode.BUSY,
+        ) from None
+    os.set_inheritable(fd, True)
+    return fd
