@@ -100,7 +100,8 @@ def ensure_not_running(cfg: Config) -> None:
         )
     if socket_accepts(cfg.http_socket):
         raise HotswapError(
-            f"something already accepts connections on {cfg.http_socket}", ExitCode.BUSY
+            f"already running: something accepts connections on {cfg.http_socket}",
+            ExitCode.BUSY,
         )
 
 

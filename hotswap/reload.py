@@ -196,10 +196,6 @@ class Reload:
     def preflight(self) -> None:
         cfg = self.cfg
         masters = find_masters(cfg)
-        if not masters.live:
-            raise HotswapError(
-                f"nothing is running: no master reads {cfg.fifo_live}", ExitCode.NOT_RUNNING
-            )
         if masters.loading:
             raise HotswapError(
                 f"master {masters.loading[0]} is loading a release nobody waits for (an "
@@ -210,6 +206,10 @@ class Reload:
                 f"master {masters.parked} is parked on the standby FIFO (still draining, or "
                 "left by an interrupted swap); wait for it to exit or run `hotswap recover`",
                 ExitCode.INCONSISTENT,
+            )
+        if not masters.live:
+            raise HotswapError(
+                f"nothing is running: no master reads {cfg.fifo_live}", ExitCode.NOT_RUNNING
             )
         fifo.remove_if_stale(cfg.fifo_standby)
         self.old_master = masters.live

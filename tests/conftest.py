@@ -51,6 +51,7 @@ class Service:
         self.pidfile = self.run_dir / "master.pid"
         self.supervisor: subprocess.Popen | None = None
         self.seen_masters: set[int] = set()
+        self.background: list[subprocess.Popen] = []  # CLI runs a test left going
         self.release(version="v1")
 
     # -- releases -------------------------------------------------------------------
@@ -89,10 +90,17 @@ class Service:
         )
 
     def cli_background(self, *args: str) -> subprocess.Popen:
-        return subprocess.Popen(
+        process = subprocess.Popen(
             [sys.executable, "-m", "hotswap", "--ini", str(self.ini), *args],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=self.root,
         )
+        self.background.append(process)
+        return process
+
+    def all_workers_accepting(self) -> bool:
+        document = stats.read(self.run_dir / "stats.sock")
+        workers = stats.workers(document or {})
+        return bool(workers) and all(w["accepting"] for w in workers)
 
     def start(self, test_routes: bool = True) -> dict:
         env = dict(os.environ)
@@ -135,7 +143,7 @@ class Service:
 
     def all_pids(self) -> list[int]:
         """Every process of this instance we know of: supervisor, masters, their children."""
-        roots = set(self.seen_masters)
+        roots = set(self.seen_masters) | {p.pid for p in self.background}
         if self.supervisor:
             roots.add(self.supervisor.pid)
         if (master := self.master()) is not None:
@@ -148,6 +156,10 @@ class Service:
         return sorted(set(found))
 
     def teardown(self) -> None:
+        for process in self.background:
+            if process.poll() is None:
+                process.kill()
+            process.communicate(timeout=30)
         if procs.alive(self.master()):
             self.cli("stop", "--timeout", "20", timeout=60)
         for pid in self.all_pids():

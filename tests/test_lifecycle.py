@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -36,6 +37,7 @@ def test_stale_fifos_socket_and_pidfile_at_start(service: Service):
     stale.close()  # bound, never listened, not unlinked: a dead instance's socket
     (run / "master.pid").write_text("999999\n")
     service.start()
+    assert procs.wait_until(service.all_workers_accepting, 30)
     handover = json.loads((run / "handover.json").read_text())
     assert handover["retire"] in ("none", "removed stale standby FIFO")
     assert not (run / "1.fifo").exists()
@@ -152,3 +154,90 @@ def test_bad_ini_is_one_clear_line(tmp_path: Path):
     assert directory.returncode == CONFIG and "not a file" in one_clear_line(directory.stderr)
     usage = run("reload", "--timeout", "soon")
     assert usage.returncode == 2 and "Traceback" not in usage.stderr
+
+
+def test_ctrl_c_in_a_terminal_stops_gracefully(service: Service):
+    """Ctrl-C signals the terminal's whole foreground process group."""
+    health = service.start()
+    slow = SlowRequest(service, seconds=2)
+    os.killpg(service.supervisor.pid, signal.SIGINT)
+    assert slow.result().status == 200
+    assert service.supervisor.wait(timeout=30) == 0
+    assert not procs.alive(health["master_pid"])
+
+
+def test_two_starts_at_once_make_one_instance(service: Service):
+    service.release(version="v1")
+    starts = [
+        subprocess.Popen(
+            [sys.executable, "-m", "hotswap", "--ini", str(service.ini), "start"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        )
+        for _ in range(2)
+    ]
+    service.background.extend(starts)
+    health = service.wait_ready()
+    refused = procs.wait_until(lambda: [p for p in starts if p.poll() is not None], 30)
+    assert refused and len(refused) == 1 and refused[0].returncode == BUSY
+    assert "already running" in refused[0].stderr.read()
+    winner = next(p for p in starts if p not in refused)
+    service.supervisor = winner
+    service.background.remove(winner)
+    masters = {service.health()["master_pid"] for _ in range(20)}
+    assert masters == {health["master_pid"]}
+
+
+def test_stale_pidfile_naming_another_instance(service: Service, tmp_path_factory):
+    other = Service(tmp_path_factory.mktemp("other"))
+    try:
+        theirs = other.start()
+        service.run_dir.mkdir()
+        (service.run_dir / "master.pid").write_text(f"{theirs['master_pid']}\n")
+        for command in ("stop", "reload"):
+            done = service.cli(command, timeout=30)
+            assert done.returncode == NOT_RUNNING, done.stderr
+        assert other.health()["master_pid"] == theirs["master_pid"]
+        ours = service.start()  # and ours starts beside theirs
+        assert ours["master_pid"] != theirs["master_pid"]
+    finally:
+        other.teardown()
+
+
+def test_killed_reload_is_recovered(service: Service):
+    """`hotswap reload` SIGKILLed mid-load leaves a parked old master and a loading new one;
+    `recover` kills the orphaned load and gives the old master its FIFO back."""
+    before = service.start()
+    service.release_hanging_import()
+    reload = service.cli_background("reload")
+    loading = service.loading_pid()
+    reload.kill()
+    reload.communicate(timeout=30)
+    status = json.loads(service.cli("status", "--json").stdout)
+    assert status["parked_master_pid"] == before["master_pid"]
+    assert status["loading_master_pids"] == [loading]
+    refused = service.cli("reload", timeout=30)
+    assert refused.returncode == 6 and "hotswap recover" in refused.stderr
+    done = service.cli("recover")
+    assert done.returncode == 0 and f"killed master {loading}" in done.stdout, done.stderr
+    assert not procs.alive(loading)
+    service.let_import_finish()
+    status = json.loads(service.cli("status", "--json").stdout)
+    assert status["master_pid"] == before["master_pid"]
+    assert status["parked_master_pid"] is None and status["loading_master_pids"] == []
+    assert status["fifos"]["standby"]["state"] == "missing"
+    service.restore_code()
+    service.release(version="v2")
+    assert service.cli("reload").returncode == 0
+
+
+def test_stop_after_a_killed_reload_stops_everything(service: Service):
+    before = service.start()
+    service.release_hanging_import()
+    reload = service.cli_background("reload")
+    loading = service.loading_pid()
+    reload.kill()
+    reload.communicate(timeout=30)
+    done = service.cli("stop", "--timeout", "30")
+    assert done.returncode == 0, done.stderr
+    assert not procs.alive(before["master_pid"]) and not procs.alive(loading)
+    assert service.supervisor.wait(timeout=30) == 0

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import time
 
 import pytest
@@ -157,3 +158,39 @@ def test_inflight_slow_request_survives_reload(service: Service):
     answer = slow.result()
     assert answer.status == 200
     assert answer.json()["generation"] == before["generation"]
+
+
+def test_drain_past_its_budget_still_succeeds(service: Service):
+    before = service.start()
+    slow = SlowRequest(service, seconds=4)
+    service.release(version="v2")
+    done = service.cli("reload", "--drain", "0.5")
+    assert done.returncode == 0, done.stderr
+    assert f"old master {before['master_pid']} still draining" in done.stderr
+    assert service.health()["generation"].startswith("v2+")
+    answer = slow.result()
+    assert answer.status == 200 and answer.json()["generation"] == before["generation"]
+    assert procs.wait_until(lambda: not procs.alive(before["master_pid"]), 30)
+    service.release(version="v3")
+    assert service.cli("reload").returncode == 0
+
+
+def test_status_polled_during_reloads_does_not_disturb_them(service: Service):
+    """`status` must not open the FIFOs (uWSGI re-creates a FIFO after every writer)."""
+    service.start()
+    stop = threading.Event()
+
+    def poll_status():
+        while not stop.is_set():
+            service.cli("status", "--json", timeout=30)
+
+    poller = threading.Thread(target=poll_status)
+    poller.start()
+    try:
+        for n in range(2, 5):
+            service.release(version=f"v{n}")
+            code, result = reload_json(service)
+            assert code == 0, result
+    finally:
+        stop.set()
+        poller.join(timeout=60)
