@@ -35,12 +35,17 @@ def assert_serving(service: Service, master: int, generation: str) -> None:
     assert status["fifos"]["standby"]["state"] == "missing", "stale standby FIFO left behind"
 
 
-def test_five_reloads_under_load_lose_nothing(service: Service):
+# More reloads for a soak: HOTSWAP_RELOADS=100 pytest tests/test_reload.py -k reloads_under
+RELOADS = int(os.environ.get("HOTSWAP_RELOADS", "5"))
+
+
+def test_reloads_under_load_lose_nothing(service: Service):
     health = service.start()
-    load = LoadGenerator(str(service.socket), CONNECTIONS, sample_paths(service), max_seconds=240)
+    load = LoadGenerator(str(service.socket), CONNECTIONS, sample_paths(service),
+                         max_seconds=max(240, 3 * RELOADS))
     reloads = []
     with load:
-        for n in range(2, 7):
+        for n in range(2, RELOADS + 2):
             service.release(version=f"v{n}")
             reloads.append(time.time())
             code, result = reload_json(service)
@@ -55,7 +60,7 @@ def test_five_reloads_under_load_lose_nothing(service: Service):
     summary = summarize(load.records)
     assert summary["requests"] > 500, summary
     assert summary["failed"] == 0, (summary, failures_by_reload(load.records, reloads))
-    assert len(summary["generations"]) == 6, summary
+    assert len(summary["generations"]) == RELOADS + 1, summary
 
 
 def failures_by_reload(records, reload_starts: list[float]) -> list[str]:
