@@ -203,15 +203,22 @@ def test_stale_pidfile_naming_another_instance(service: Service, tmp_path_factor
         other.teardown()
 
 
-def test_killed_reload_is_recovered(service: Service):
-    """`hotswap reload` SIGKILLed mid-load leaves a parked old master and a loading new one;
-    `recover` kills the orphaned load and gives the old master its FIFO back."""
+def strand_a_swap(service: Service) -> tuple[dict, int]:
+    """SIGKILL `hotswap reload` while the new master loads: the old master is left parked
+    on the standby FIFO and the new one loading. Returns (old /healthz, loading pid)."""
     before = service.start()
     service.release_hanging_import()
     reload = service.cli_background("reload")
     loading = service.loading_pid()
     reload.kill()
     reload.communicate(timeout=30)
+    return before, loading
+
+
+def test_killed_reload_is_recovered(service: Service):
+    """`hotswap reload` SIGKILLed mid-load leaves a parked old master and a loading new one;
+    `recover` kills the orphaned load and gives the old master its FIFO back."""
+    before, loading = strand_a_swap(service)
     status = json.loads(service.cli("status", "--json").stdout)
     assert status["parked_master_pid"] == before["master_pid"]
     assert status["loading_master_pids"] == [loading]
@@ -231,12 +238,7 @@ def test_killed_reload_is_recovered(service: Service):
 
 
 def test_stop_after_a_killed_reload_stops_everything(service: Service):
-    before = service.start()
-    service.release_hanging_import()
-    reload = service.cli_background("reload")
-    loading = service.loading_pid()
-    reload.kill()
-    reload.communicate(timeout=30)
+    before, loading = strand_a_swap(service)
     done = service.cli("stop", "--timeout", "30")
     assert done.returncode == 0, done.stderr
     assert not procs.alive(before["master_pid"]) and not procs.alive(loading)
