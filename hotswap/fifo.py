@@ -8,8 +8,8 @@ Two consequences shape this module:
 - whether a master listens is read from /proc (which process holds the FIFO open), never
   by opening the FIFO: a probe's open + close would make the master re-create it, and a
   command written in that gap would find no FIFO;
-- a write retries ENOENT/ENXIO for a moment (SETTLE_SECONDS), in case it lands in such a
-  gap left by another writer.
+- a write retries ENOENT/ENXIO/EPIPE for a moment (SETTLE_SECONDS), in case it lands in
+  such a gap left by the previous writer (our own previous command included).
 """
 
 from __future__ import annotations
@@ -56,17 +56,28 @@ def _open_for_write(path: Path) -> int | None:
         raise
 
 
+def _write_once(path: Path, data: bytes) -> bool:
+    fd = _open_for_write(path)
+    if fd is None:
+        return False
+    try:
+        os.write(fd, data)
+        return True
+    except BrokenPipeError:
+        # The master closed this FIFO between our open and our write: it had just read
+        # the previous writer's EOF and is re-creating it. Try the new one.
+        return False
+    finally:
+        os.close(fd)
+
+
 def send(path: Path, commands: str, settle: float = SETTLE_SECONDS) -> None:
     """Write master-FIFO commands (e.g. "1f", "q", "0"); NoReader if nobody takes them."""
-    fd = procs.wait_until(lambda: _open_for_write(path), settle, interval=0.01)
-    if fd is None:
+    data = commands.encode()
+    if not procs.wait_until(lambda: _write_once(path, data), settle, interval=0.01):
         if not os.path.lexists(path):
             raise NoReader(errno.ENOENT, f"{path} is missing")
         raise NoReader(errno.ENXIO, f"no master is reading {path}")
-    try:
-        os.write(fd, commands.encode())
-    finally:
-        os.close(fd)
 
 
 def readers(path: Path, candidates: Iterable[int] | None = None) -> list[int]:

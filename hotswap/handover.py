@@ -64,8 +64,9 @@ def pause_workers(cfg: config.Config, master: int) -> str:
     uWSGI's graceful quit sends SIGHUP to every worker, and a worker that is not inside a
     request exits on the spot: if it had just accept()ed a connection and not yet marked
     itself busy, that connection is reset (measured: 8 resets over 40 reloads under 32
-    concurrent clients; none over 100 with the pause). "p" instead marks the workers suspended, and a worker only
-    suspends at the top of its loop, before accepting: once all of them log "suspended",
+    concurrent clients; none over 100 with the pause). "p" instead marks the workers
+    suspended, and a worker only suspends at the top of its loop, before accepting: once
+    all of them log "suspended",
     none holds an unanswered connection, and "q" is safe. SIGTSTP (what "p" sends) nudges
     a worker blocked in epoll back to the top of its loop; it is harmless to the others.
     Returns "n/m" workers paused (below m only if the deadline hit first)."""
@@ -124,10 +125,11 @@ def hand_over(cfg: config.Config) -> dict:
     if retiring:
         try:
             record["paused_workers"] = pause_workers(cfg, retiring)
+            save()  # a rollback must know the old workers are paused
             fifo.send(cfg.fifo_standby, "q")
             record["retire"] = "sent"
-        except fifo.NoReader as exc:
-            record["retire"] = f"failed: {exc.strerror}"
+        except Exception as exc:  # noqa: BLE001 - `hotswap reload` retries, and reports it
+            record["retire"] = f"failed: {type(exc).__name__}: {exc}"
     elif fifo.remove_if_stale(cfg.fifo_standby):
         # A standby FIFO at a fresh start is a leftover from a crash: nobody to retire.
         record["retire"] = "removed stale standby FIFO"

@@ -189,6 +189,11 @@ class Reload:
                 tail = self.log_tail()
                 self.roll_back()
                 message = failure.message + cause_from(tail)
+                if not self._old_generation_answers():
+                    message += (f"; and the old generation (master {self.old_master}) does not "
+                                "answer /healthz either: see `hotswap status`")
+                    self.enter(Phase.FAILED, message)
+                    return self.result(ExitCode.INCONSISTENT, message, log_tail=tail)
                 self.enter(Phase.FAILED, message)
                 return self.result(failure.code, message, rolled_back=True, log_tail=tail)
             return self.finish()
@@ -370,6 +375,15 @@ class Reload:
         # we never learned (an interrupt right after "1f").
         doomed = {*procs.session_leaders_below(self.old_master), self.new_master} - {None}
         kill_loading(sorted(doomed))
+        record = handover_record(cfg)
+        if record.get("master_pid") == self.new_master and record.get("paused_workers") \
+                and record.get("retire") != "sent":
+            # The hook paused the old workers ("p") but never told them to quit: "p" again
+            # resumes them (it toggles).
+            try:
+                fifo.send(cfg.fifo_standby, "p")
+            except fifo.NoReader:
+                self.warnings.append(f"could not resume the paused workers of {self.old_master}")
         if not fifo.move_to_live(self.old_master, cfg.fifo_standby, cfg.fifo_live,
                                  ROLLBACK_TIMEOUT):
             self.warnings.append(
@@ -377,6 +391,13 @@ class Reload:
                 "run `hotswap recover`"
             )
         cfg.handover_file.unlink(missing_ok=True)
+
+    def _old_generation_answers(self) -> bool:
+        def answers():
+            health = probe.healthz(self.cfg.http_socket, timeout=2.0)
+            return bool(health and health.get("master_pid") == self.old_master)
+
+        return bool(procs.wait_until(answers, VERIFY_TIMEOUT, interval=0.1))
 
     # -- the uWSGI log -------------------------------------------------------------------
     def _log_size(self) -> int:
