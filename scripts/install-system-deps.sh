@@ -21,5 +21,13 @@ if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
 fi
 echo "installing system packages: ${missing[*]}"
 export DEBIAN_FRONTEND=noninteractive
+# nginx's package would start a system nginx on port 80; the tests and the bench run their
+# own instances, so keep package scripts from starting services (policy-rc.d exit 101).
+guard=""
+if [ ! -e /usr/sbin/policy-rc.d ]; then
+  printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+  guard=/usr/sbin/policy-rc.d
+fi
+trap 'if [ -n "$guard" ]; then rm -f "$guard"; fi' EXIT
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null

@@ -17,16 +17,23 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 RELOADS = 2
 MODES = ("hotswap", "uwsgi-graceful")
+TIMEOUT = 120  # seconds; a run takes ~20 s
 
 
 def test_bench_quick(tmp_path: Path) -> None:
     out = tmp_path / "results"
-    proc = subprocess.run(
+    proc = subprocess.Popen(
         [sys.executable, "-m", "bench.bench", "--quick", "--reloads", str(RELOADS),
          "--connections", "32", "--modes", *MODES, "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
-    assert proc.returncode == 0, f"bench failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    try:
+        stdout, stderr = proc.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.terminate()  # the bench stops what it started on SIGTERM
+        stdout, stderr = proc.communicate(timeout=60)
+        raise AssertionError(f"bench still running after {TIMEOUT}s:\n{stdout[-3000:]}") from None
+    assert proc.returncode == 0, f"bench failed:\n{stdout[-3000:]}\n{stderr[-3000:]}"
 
     run = json.loads((out / "results.json").read_text())
     rows = {row["mode"]: row for row in json.loads((out / "summary.json").read_text())}
