@@ -70,10 +70,8 @@ def pause_workers(cfg: config.Config, master: int) -> str:
     none holds an unanswered connection, and "q" is safe. SIGTSTP (what "p" sends) nudges
     a worker blocked in epoll back to the top of its loop; it is harmless to the others.
     Returns "n/m" workers paused (below m only if the deadline hit first)."""
-    workers = [
-        pid for pid in procs.children(master)
-        if (info := procs.stat(pid)) and info.session != pid and info.state != "Z"
-    ]
+    reforked = procs.session_leaders_below(master)  # the new master: not a worker
+    workers = [pid for pid in procs.children(master) if pid not in reforked]
     offset = cfg.log_file.stat().st_size if cfg.log_file.exists() else 0
     fifo.send(cfg.fifo_standby, "p")
 

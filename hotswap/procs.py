@@ -74,7 +74,10 @@ def all_pids() -> list[int]:
 
 
 def children(pid: int) -> list[int]:
-    return [p for p in all_pids() if (info := stat(p)) and info.ppid == pid]
+    """Live (non-zombie) children of pid."""
+    return [
+        p for p in all_pids() if (info := stat(p)) and info.ppid == pid and info.state != "Z"
+    ]
 
 
 def descendants(pid: int) -> list[int]:
@@ -125,10 +128,7 @@ def holds_open(pid: int, path: os.PathLike | str) -> bool:
 def session_leaders_below(pid: int) -> list[int]:
     """Live children of pid that lead their own session: for a uWSGI master, the masters it
     re-forked ("f" calls setsid() in the child), as opposed to its workers."""
-    return [
-        child for child in children(pid)
-        if (info := stat(child)) and info.session == child and info.state != "Z"
-    ]
+    return [child for child in children(pid) if (info := stat(child)) and info.session == child]
 
 
 def read_pidfile(path: os.PathLike | str) -> int | None:

@@ -317,10 +317,7 @@ class Reload:
         return self.verify()
 
     def _old_workers(self) -> list[int]:
-        return [
-            p for p in procs.children(self.old_master)
-            if p != self.new_master and procs.alive(p)
-        ]
+        return [p for p in procs.children(self.old_master) if p != self.new_master]
 
     @staticmethod
     def _wake(master: int) -> None:
