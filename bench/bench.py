@@ -234,15 +234,20 @@ def run_mode(name: str, plan: Plan, resource: Resource, paths: list[str]) -> dic
                 pass
         if sampler is not None:
             sampler.stop()
-        try:
-            mode.stop()
-        except Exception as exc:  # noqa: BLE001
-            log(f"  stopping {name}: {exc}; forcing")
-            mode._force_stop()
-        mode.close()
-        if not plan.keep and "error" not in result:
-            shutil.rmtree(workdir, ignore_errors=True)
+        _stop_mode(mode, name, plan, workdir, result)
     return result
+
+
+def _stop_mode(mode, name: str, plan: Plan, workdir: str, result: dict) -> None:
+    """Stop a mode's server (forcefully if it resists) and drop its work dir unless kept."""
+    try:
+        mode.stop()
+    except Exception as exc:  # noqa: BLE001
+        log(f"  stopping {name}: {exc}; forcing")
+        mode._force_stop()
+    mode.close()
+    if not plan.keep and "error" not in result:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 # -- hotswap behind nginx, measured by wrk ---------------------------------------------------
@@ -353,14 +358,7 @@ def run_nginx(plan: Plan, resource: Resource, paths: list[str]) -> dict:
             if os.path.exists(os.path.join(prefix, "error.log")):
                 with open(os.path.join(prefix, "error.log")) as handle:
                     result["nginx_errors"] = handle.read()[-3000:]
-        try:
-            mode.stop()
-        except Exception as exc:  # noqa: BLE001
-            log(f"  stopping {name}: {exc}; forcing")
-            mode._force_stop()
-        mode.close()
-        if not plan.keep and "error" not in result:
-            shutil.rmtree(workdir, ignore_errors=True)
+        _stop_mode(mode, name, plan, workdir, result)
     return result
 
 

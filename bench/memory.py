@@ -43,15 +43,7 @@ def _stat_fields(pid: int) -> list[str] | None:
 
 def process_table() -> dict[int, tuple[int, int, str]]:
     """pid -> (ppid, session id, state) for every live process."""
-    table = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        fields = _stat_fields(int(name))
-        if fields is None or len(fields) < 4:
-            continue
-        table[int(name)] = (int(fields[1]), int(fields[3]), fields[0])
-    return table
+    return {pid: (ppid, sid, state) for pid, (ppid, sid, state, _) in cpu_table().items()}
 
 
 def cpu_table() -> dict[int, tuple[int, int, str, int]]:

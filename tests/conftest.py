@@ -26,15 +26,16 @@ from scripts.gen_resource import write_resource  # noqa: E402
 TEST_TERMS = 50_000
 START_TIMEOUT = 60.0
 
-# A release whose import blocks until a file appears: lets tests act "mid-load" without
-# guessing at timings. It writes its pid (the new master's) where the test can read it.
+# A release whose import blocks until the test says so: lets tests act "mid-load" without
+# guessing at timings. It writes its pid (the new master's) where the test can read it, then
+# blocks reading a FIFO until the test opens and closes its write end.
 HANGING_PREAMBLE = '''\
-import os as _os, time as _time
+import os as _os
 _here = _os.path.dirname(_os.path.abspath(__file__))
 with open(_os.path.join(_here, "loading.pid"), "w") as _f:
     _f.write(str(_os.getpid()))
-while not _os.path.exists(_os.path.join(_here, "release.go")):
-    _time.sleep(0.02)
+with open(_os.path.join(_here, "release.go")) as _gate:
+    _gate.read()
 '''
 
 
@@ -68,6 +69,7 @@ class Service:
     def release_hanging_import(self) -> None:
         for name in ("loading.pid", "release.go"):
             (self.root / name).unlink(missing_ok=True)
+        os.mkfifo(self.root / "release.go")
         self.release_code(HANGING_PREAMBLE + (REPO / "srv.py").read_text().replace(
             "from __future__ import annotations\n", ""))
 
@@ -78,7 +80,16 @@ class Service:
         return int(text)
 
     def let_import_finish(self) -> None:
-        (self.root / "release.go").write_text("go")
+        gate = self.root / "release.go"
+
+        def open_gate() -> bool:
+            try:
+                os.close(os.open(gate, os.O_WRONLY | os.O_NONBLOCK))  # EOF for the reader
+                return True
+            except OSError:  # ENXIO: the import has not reached the gate yet
+                return False
+
+        assert procs.wait_until(open_gate, 30), "the hanging import never reached its gate"
 
     # -- processes ------------------------------------------------------------------
     def cli(self, *args: str, timeout: float = 180.0, env: dict | None = None):

@@ -227,7 +227,6 @@ def test_killed_reload_is_recovered(service: Service):
     done = service.cli("recover")
     assert done.returncode == 0 and f"killed master {loading}" in done.stdout, done.stderr
     assert not procs.alive(loading)
-    service.let_import_finish()
     status = json.loads(service.cli("status", "--json").stdout)
     assert status["master_pid"] == before["master_pid"]
     assert status["parked_master_pid"] is None and status["loading_master_pids"] == []
