@@ -80,7 +80,7 @@ class Supervisor:
             record = json.loads(self.cfg.handover_file.read_text())
         except (OSError, ValueError):
             return
-        if record.get("master_pid") != self.announced:
+        if record.get("phase") == "done" and record.get("master_pid") != self.announced:
             self.announced = record.get("master_pid")
             print(f"hotswap: master {self.announced} serving generation "
                   f"{record.get('generation')} on {self.cfg.http_socket}", file=sys.stderr)
