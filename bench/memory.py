@@ -106,17 +106,8 @@ def server_pids(sessions: Iterable[int] = (), roots: Iterable[int] = ()) -> list
     sessions = {s for s in sessions if s > 0}
     roots = {r for r in roots if r > 0}
     table = process_table()
-    found = {pid for pid, (_, sid, _) in table.items() if sid in sessions}
-    found |= {r for r in roots if r in table}
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, _, _) in table.items():
-        children.setdefault(ppid, []).append(pid)
-    stack = list(found)
-    while stack:
-        for child in children.get(stack.pop(), ()):
-            if child not in found:
-                found.add(child)
-                stack.append(child)
+    in_sessions = {pid for pid, (_, sid, _) in table.items() if sid in sessions}
+    found = descendants(table, in_sessions | {r for r in roots if r in table})
     return sorted(pid for pid in found if table.get(pid, (0, 0, "Z"))[2] not in ("Z", "X"))
 
 
