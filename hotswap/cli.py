@@ -10,26 +10,16 @@ import click
 
 from . import config, notify, probe
 from . import instance as inst
-from .errors import ExitCode, HotswapError
-from .reload import Phase, reload
+from .errors import MEANING, ExitCode, HotswapError
+from .reload import Phase, reload, write_last_reload
 from .supervisor import Supervisor
 
 # probe speaks the monitoring-plugin convention, not the rest of the CLI's codes.
 PROBE_OK, PROBE_WARNING, PROBE_CRITICAL, PROBE_UNKNOWN = 0, 1, 2, 3
 
-EXIT_CODES_HELP = """
-\b
-Exit codes (start, reload, stop, status, recover):
-  0  success
-  1  reload failed: the new release did not come up; the old one still serves
-  2  bad usage or configuration (missing/unreadable ini, permission denied)
-  3  nothing is running
-  4  busy: a reload is in progress, or start found a live instance
-  5  timeout: reload killed a new generation that was too slow (the old one
-     still serves); stop found the master still draining
-  6  inconsistent state the kit will not guess about; the message says what to do
-probe: 0 OK, 1 unexpected HTTP status, 2 no answer, 3 unknown (bad config)
-"""
+EXIT_CODES_HELP = "\b\nExit codes (start, reload, stop, status, recover):\n" + "".join(
+    f"  {int(code)}  {meaning}\n" for code, meaning in MEANING.items()
+) + "probe: 0 OK, 1 unexpected HTTP status, 2 no answer, 3 unknown (bad config)\n"
 
 
 def fail(error: HotswapError) -> None:
@@ -38,11 +28,13 @@ def fail(error: HotswapError) -> None:
 
 
 class Group(click.Group):
-    """Turns an operator's permission problem into one line instead of a traceback."""
+    """The one place operator errors become one line and an exit code, not a traceback."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except HotswapError as error:
+            fail(error)
         except PermissionError as exc:
             fail(HotswapError(
                 f"permission denied: {exc.filename or exc} (run as the service's user?)",
@@ -90,13 +82,10 @@ def main(ctx: click.Context, ini: str) -> None:
 @pass_context
 def start(ctx: Context, exec_mode: bool | None) -> None:
     """Run the service in the foreground (what systemd's ExecStart runs)."""
-    try:
-        cfg = ctx.cfg
-        lock_fd, removed = inst.prepare_start(cfg)
-        for path in removed:
-            click.echo(f"hotswap: removed stale {path}", err=True)
-    except HotswapError as error:
-        fail(error)
+    cfg = ctx.cfg
+    lock_fd, removed = inst.prepare_start(cfg)
+    for path in removed:
+        click.echo(f"hotswap: removed stale {path}", err=True)
     env = dict(os.environ, HOTSWAP_PYTHON=sys.executable)
     if "NOTIFY_SOCKET" in env:
         # The accepting hook notifies systemd, when worker 1 really accepts; uWSGI's own
@@ -125,10 +114,8 @@ def reload_cmd(ctx: Context, timeout: float, drain_timeout: float, as_json: bool
         if not as_json:
             click.echo(f"  [{at:7.2f}s] {phase.value:<12} {detail}")
 
-    try:
-        result = reload(ctx.cfg, timeout, drain_timeout, show)
-    except HotswapError as error:
-        fail(error)
+    result = reload(ctx.cfg, timeout, drain_timeout, show)
+    write_last_reload(ctx.cfg, result)
     if result.rolled_back:
         # Under systemd (ExecReload), keep the unit's status line true: the old generation
         # still serves, and the swap failed. Only STATUS=: the main pid has not changed.
@@ -141,8 +128,6 @@ def reload_cmd(ctx: Context, timeout: float, drain_timeout: float, as_json: bool
         click.echo(json.dumps(result.to_json(), indent=1))
     elif result.ok:
         click.echo(f"reload ok in {result.seconds:.2f}s: {result.message}")
-        for warning in result.warnings:
-            click.echo(f"hotswap: warning: {warning}", err=True)
     else:
         click.echo(
             f"hotswap: reload FAILED after {result.seconds:.2f}s: {result.message}", err=True
@@ -151,6 +136,9 @@ def reload_cmd(ctx: Context, timeout: float, drain_timeout: float, as_json: bool
             click.echo("--- uWSGI log since the reload began (tail) ---", err=True)
             for line in result.log_tail:
                 click.echo(f"  {line}", err=True)
+    if not as_json:
+        for warning in result.warnings:
+            click.echo(f"hotswap: warning: {warning}", err=True)
     sys.exit(result.exit_code)
 
 
@@ -159,10 +147,7 @@ def reload_cmd(ctx: Context, timeout: float, drain_timeout: float, as_json: bool
 @pass_context
 def status(ctx: Context, as_json: bool) -> None:
     """Master, generation, workers, FIFOs, socket and the last reload's result."""
-    try:
-        report = inst.status(ctx.cfg)
-    except HotswapError as error:
-        fail(error)
+    report = inst.status(ctx.cfg)
     if as_json:
         click.echo(json.dumps(report, indent=1))
     else:
@@ -238,18 +223,12 @@ def probe_cmd(ctx: Context, path: str, timeout: float, expect_status: int,
 @pass_context
 def stop(ctx: Context, timeout: float) -> None:
     """Stop gracefully: in-flight requests finish, then the master exits; files are cleaned."""
-    try:
-        masters = inst.stop(ctx.cfg, timeout)
-    except HotswapError as error:
-        fail(error)
+    masters = inst.stop(ctx.cfg, timeout)
     click.echo(f"stopped master {', '.join(map(str, masters))}")
 
 
 @main.command()
 @pass_context
 def recover(ctx: Context) -> None:
-    """Repair FIFO slots after an interrupted swap (a master parked on the standby FIFO)."""
-    try:
-        click.echo(inst.recover(ctx.cfg))
-    except HotswapError as error:
-        fail(error)
+    """Repair what an interrupted swap left (`reload` does it too, before it forks)."""
+    click.echo(inst.recover(ctx.cfg))

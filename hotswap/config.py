@@ -45,11 +45,6 @@ class Config:
         return self.run_dir / "reload.lock"
 
     @property
-    def handover_file(self) -> Path:
-        """Written by the accepting hook of each generation (see handover.py)."""
-        return self.run_dir / "handover.json"
-
-    @property
     def last_reload_file(self) -> Path:
         return self.run_dir / "last-reload.json"
 

@@ -12,21 +12,28 @@ from enum import IntEnum
 
 class ExitCode(IntEnum):
     OK = 0
-    # reload: the new release did not come up (import error, corrupt data, crash);
-    # the old generation is still serving.
     RELOAD_FAILED = 1
-    # bad option, missing or unreadable ini, permission denied, no uwsgi binary.
     CONFIG = 2
-    # nothing is running where the ini says (reload, stop, status).
     NOT_RUNNING = 3
-    # another reload holds the lock, or start found an instance already running.
     BUSY = 4
-    # a deadline passed: reload (the new generation was killed, the old one serves),
-    # stop (the master is still draining).
     TIMEOUT = 5
-    # the instance is in a state the kit will not guess about (say, a master parked on
-    # the standby FIFO by an interrupted swap); the message says what to do.
     INCONSISTENT = 6
+
+
+# The one statement of what each code means: `hotswap --help` prints it, the README copies it.
+MEANING = {
+    ExitCode.OK: "success",
+    ExitCode.RELOAD_FAILED: "reload failed or was interrupted before its commit point: the "
+    "new release was rolled back, the old one still serves; start: uWSGI exited before "
+    "serving",
+    ExitCode.CONFIG: "bad usage or configuration (missing/unreadable ini, permission denied)",
+    ExitCode.NOT_RUNNING: "nothing is running",
+    ExitCode.BUSY: "busy: a reload is in progress, an old master is still draining, or "
+    "start found a live instance",
+    ExitCode.TIMEOUT: "timeout: reload rolled back a new generation that was too slow (the "
+    "old one still serves); stop found the master still draining",
+    ExitCode.INCONSISTENT: "a state the kit will not guess about; the message says what to do",
+}
 
 
 class HotswapError(Exception):

@@ -1,157 +1,279 @@
-"""The accepting hook: run by uWSGI in worker 1 of every new generation.
+"""The accepting hook: run by uWSGI in every worker of every generation before it accepts.
 
-srv.ini runs `python -m hotswap.handover --ini srv.ini` as `hook-accepting1-once`, i.e. once
-the new generation's app is imported and its first worker is about to accept. In order:
+srv.ini runs `python -m hotswap.handover ...` as `hook-accepting` through `safeexec:` (uWSGI
+ignores its exit code: a failing hook would destroy the new generation while the old one may
+already be retiring). Each worker's hook, in short:
 
-1. Record "started" in run/handover.json: `hotswap reload` then lets the hand-over finish
-   even if its deadline passes meanwhile.
-2. Tell systemd (if any) that the new master is the main pid, and wait for its BARRIER
-   acknowledgement: systemd must know the new master before the old one exits, or it sees
-   its main process die and kills the whole control group, new master included.
-3. Point the pidfile at the new master (uWSGI only writes it at a fresh start).
-4. Retire the old master, the new master's parent parked on the standby FIFO: "q" into
-   that FIFO, non-blocking. It drains and exits. At a fresh start there is nobody to retire,
-   and a standby FIFO left by a crash is removed.
-5. Record "done", which `hotswap reload` is waiting for.
+- gate: a worker of a generation that has not committed does not accept. So before the
+  commit point only the old generation serves, and a rollback kills nothing that served.
+  New connections wait in the listen backlog for the milliseconds between "p" and "q".
+- one worker's hook (whichever takes the performer lock first) performs the hand-over; if it
+  dies before the commit point, another worker's hook takes over where the record says.
+- a worker of an older generation (its master parked on the standby FIFO), or of a generation
+  that has committed, passes at once; so do respawned workers later in a generation's life.
 
-This hook always exits 0: a failing hook would make uWSGI destroy the new generation, and the
-old one may already be retiring. Problems are logged (stderr goes to the uWSGI log) and
-recorded for `hotswap reload` to report.
+The hand-over, each step recorded (record.py) before the act it names:
+1. STARTED; tell systemd (if any) the new master is the main pid and wait for its BARRIER
+   acknowledgement (systemd must know the new master before the old one exits) -> NOTIFIED.
+   The pidfile then names the new master.
+2. PAUSING / "p" to the old master / PAUSED, in one critical section: its workers stop
+   accepting (see pause_workers for why), then wait until they are all parked.
+3. COMMITTED / "q" to the old master / RETIRE_SENT, in one critical section: the commit
+   point. A rollback that took the record lock first has written ABORTED instead, and the hook
+   stops there.
+4. DONE.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
+import fcntl
 import os
-import re
 import signal
 import sys
 import time
+from pathlib import Path
 
-from . import config, fifo, files, notify, procs
+from . import config, fifo, files, notify, procs, record, uwsgilog
+from .record import Handover, State
+
+PAUSE_TIMEOUT = 2.0
+GATE_INTERVAL = 0.005
+RETRY_SECONDS = 1.0
+# The chain above the hook: python <- sh -c <- worker. A few levels, never further: an
+# orphaned hook must not mistake some other uWSGI ancestor for its worker.
+MAX_CLIMB = 3
 
 
-def _is_uwsgi(pid: int, uwsgi_binary: str) -> bool:
+def log(message: str) -> None:
+    """One line in the uWSGI log (our stderr). Never raises: a full log disk is not a reason
+    to fail a hand-over."""
     try:
-        exe = os.path.realpath(f"/proc/{pid}/exe")
+        print(f"hotswap handover [{os.getpid()}]: {message}", file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
+
+
+def _is_uwsgi(pid: int) -> bool:
+    try:
+        return os.path.basename(os.path.realpath(f"/proc/{pid}/exe")) == "uwsgi"
     except OSError:
         return False
-    return exe == uwsgi_binary or os.path.basename(exe) == "uwsgi"
 
 
-def find_master(uwsgi_binary: str) -> int:
-    """The hook runs as python <- sh -c <- worker 1 <- master: climb to the first uWSGI
-    process (the worker); its parent is this generation's master."""
+def find_worker() -> tuple[int, int] | None:
+    """(worker, master): the uWSGI worker that runs this hook and its generation's master, or
+    None if that worker is gone (the hook was orphaned)."""
     pid = os.getppid()
-    while pid > 1:
+    for _ in range(MAX_CLIMB):
         info = procs.stat(pid)
-        if info is None:
-            break
-        if _is_uwsgi(pid, uwsgi_binary):
-            return info.ppid
+        if info is None or pid <= 1:
+            return None
+        if _is_uwsgi(pid):
+            return pid, info.ppid
         pid = info.ppid
-    raise RuntimeError("not started by a uWSGI worker")
+    return None
 
 
-SUSPENDED_RE = re.compile(rb"\*\*\* worker (\d+) suspended \*\*\*")
-PAUSE_TIMEOUT = 2.0
+def parked_parent(master: int, fifo_standby: Path) -> int | None:
+    """The master this generation replaces: its parent, if it waits on the standby FIFO."""
+    info = procs.stat(master)
+    parent = info.ppid if info else None
+    return parent if parent and procs.holds_open(parent, fifo_standby) else None
 
 
-def pause_workers(cfg: config.Config, master: int) -> str:
-    """Park the retiring generation's workers before it is told to quit.
+def gate(run_dir: Path, fifo_standby: Path, ini: str) -> str:
+    """Return once this worker may accept (the outcome, for the log)."""
+    found = find_worker()
+    if found is None:
+        return "no uWSGI worker above this hook"
+    worker, master = found
+    performer_fd = record.open_lock(run_dir, record.PERFORMER_LOCK_NAME)
+    while procs.alive(master):
+        current = record.read(run_dir)
+        mine = current if current and current.master_pid == master else None
+        if mine and mine.committed:
+            return "committed"
+        if mine is None and procs.holds_open(master, fifo_standby):
+            return "older generation"  # a respawned worker of a retiring master
+        if not (mine and mine.state is State.ABORTED) and record.try_flock(performer_fd):
+            # Nobody performs this hand-over (not yet, or its performer died): we do.
+            try:
+                outcome = perform(config.load(ini), master, mine)
+            except Exception as exc:  # noqa: BLE001 - keep gating; a rollback or a retry follows
+                log(f"hand-over of master {master} failed: {type(exc).__name__}: {exc}")
+                fcntl.flock(performer_fd, fcntl.LOCK_UN)
+                time.sleep(RETRY_SECONDS)  # back off before another worker's hook retries
+                continue
+            log(outcome)
+            continue  # committed: the next turn returns; aborted: wait for the kill
+        time.sleep(GATE_INTERVAL)
+    # The generation died (or was aborted and killed) before it committed: its worker must
+    # never accept, not even for the moment before it notices its master is gone.
+    procs.signal_quietly(worker, signal.SIGKILL)
+    return f"master {master} is gone: killed worker {worker}"
+
+
+def perform(cfg: config.Config, master: int, existing: Handover | None) -> str:
+    run_dir = cfg.run_dir
+    if existing is None:
+        current = Handover(
+            master_pid=master, state=State.STARTED,
+            retiring_pid=parked_parent(master, cfg.fifo_standby),
+            generation=os.environ.get("HOTSWAP_GENERATION", "unknown"),
+            performer_pid=os.getpid(), at=time.time(),
+        )
+        record.write(run_dir, current)
+    else:  # taking over from a performer that died
+        current = record.transition(run_dir, master, existing.state, [existing.state],
+                                    performer_pid=os.getpid())
+        if current is None:
+            return "record changed under the take-over"
+        log(f"took over the hand-over of master {master} at {current.state.value}")
+    steps = [(State.STARTED, _notify), (State.NOTIFIED, _pause),
+             (State.PAUSING, _wait_paused), (State.PAUSED, _wait_paused),
+             (State.COMMITTED, _retire), (State.RETIRE_SENT, _finish)]
+    for state, step in steps:
+        if current.state is state:
+            current = step(cfg, current)
+        if current.state is State.ABORTED:
+            return f"aborted at {state.value}: {current.error or 'rolled back'}"
+    return (f"master {master} serving generation {current.generation}; retiring "
+            f"{current.retiring_pid or 'nobody'} ({current.state.value}, paused {current.paused})")
+
+
+def _advance(cfg: config.Config, current: Handover, to: State, **changes) -> Handover:
+    """CAS to `to`; on a lost race, the record as the winner left it (ABORTED)."""
+    new = record.transition(cfg.run_dir, current.master_pid, to, [current.state], **changes)
+    return new or record.read(cfg.run_dir) or current.to(State.ABORTED, error="record lost")
+
+
+def _notify(cfg: config.Config, current: Handover) -> Handover:
+    master = current.master_pid
+    try:
+        notified = notify.notify(
+            f"MAINPID={master}\nSTATUS=Serving generation {current.generation} "
+            f"(master {master})\nREADY=1",
+            barrier=True,
+        )
+    except OSError as exc:  # includes the barrier's TimeoutError
+        # Retiring the old master now would make systemd see its main process exit and stop
+        # the whole unit: the swap stops here, before the commit point.
+        return _advance(cfg, current, State.ABORTED, notified_systemd=True,
+                        error=f"systemd did not confirm MAINPID={master}: {exc}")
+    files.atomic_write(cfg.pidfile, f"{master}\n")
+    return _advance(cfg, current, State.NOTIFIED, notified_systemd=notified)
+
+
+def _pause(cfg: config.Config, current: Handover) -> Handover:
+    """PAUSING, "p", PAUSED in one critical section (nothing to pause at a fresh start)."""
+    if current.retiring_pid is None:
+        return _advance(cfg, current, State.PAUSED, paused="0/0")
+    with record.locked(cfg.run_dir):
+        now = record.read(cfg.run_dir)
+        if now is None or now.master_pid != current.master_pid or now.state is not State.NOTIFIED:
+            return now or current.to(State.ABORTED, error="record lost")
+        pausing = now.to(State.PAUSING, log_offset=uwsgilog.size(cfg.log_file))
+        record.write(cfg.run_dir, pausing)
+        try:
+            fifo.send(cfg.fifo_standby, "p")
+        except fifo.NoReader:
+            if procs.alive(now.retiring_pid):
+                raise
+            # The old master is gone: nothing to pause, nothing to retire.
+            pausing = dataclasses.replace(pausing, retiring_pid=None)
+        paused = pausing.to(State.PAUSED)
+        record.write(cfg.run_dir, paused)
+    return paused
+
+
+def pause_workers_wait(cfg: config.Config, retiring: int, offset: int) -> str:
+    """Wait until every worker of the retiring generation is parked; "n/m" parked.
 
     uWSGI's graceful quit sends SIGHUP to every worker, and a worker that is not inside a
     request exits on the spot: if it had just accept()ed a connection and not yet marked
     itself busy, that connection is reset (measured: 8 resets over 40 reloads under 32
-    concurrent clients; none over 100 with the pause). "p" instead marks the workers
-    suspended, and a worker only suspends at the top of its loop, before accepting: once
-    all of them log "suspended",
-    none holds an unanswered connection, and "q" is safe. SIGTSTP (what "p" sends) nudges
-    a worker blocked in epoll back to the top of its loop; it is harmless to the others.
-    Returns "n/m" workers paused (below m only if the deadline hit first)."""
-    reforked = procs.session_leaders_below(master)  # the new master: not a worker
-    workers = [pid for pid in procs.children(master) if pid not in reforked]
-    offset = cfg.log_file.stat().st_size if cfg.log_file.exists() else 0
-    fifo.send(cfg.fifo_standby, "p")
+    concurrent clients; none over 100 with the pause). "p" marks the workers suspended, and a
+    worker only suspends at the top of its loop, before accepting: once all of them log
+    "suspended", none holds an unanswered connection, and "q" is safe. SIGTSTP nudges a
+    worker blocked in epoll back to the top of its loop."""
+    reforked = procs.session_leaders_below(retiring)  # the new master: not a worker
+    workers = [pid for pid in procs.children(retiring) if pid not in reforked]
+    seen = [0]
 
     def all_suspended() -> bool:
-        try:
-            with open(cfg.log_file, "rb") as log:
-                log.seek(offset)
-                suspended = set(SUSPENDED_RE.findall(log.read()))
-        except OSError:
-            suspended = set()
-        if len(suspended) >= len(workers):
+        seen[0] = len(uwsgilog.suspended_workers(uwsgilog.read_since(cfg.log_file, offset)))
+        if seen[0] >= len(workers):
             return True
         for pid in workers:
             procs.signal_quietly(pid, signal.SIGTSTP)
-        counts[0] = len(suspended)
         return False
 
-    counts = [0]
     done = procs.wait_until(all_suspended, PAUSE_TIMEOUT, interval=0.01)
-    return f"{len(workers) if done else counts[0]}/{len(workers)}"
+    return f"{len(workers) if done else seen[0]}/{len(workers)}"
 
 
-def hand_over(cfg: config.Config) -> dict:
-    new_master = find_master(os.path.realpath(cfg.uwsgi))
-    parent = procs.stat(new_master).ppid
-    retiring = parent if procs.holds_open(parent, cfg.fifo_standby) else None
-    record: dict = {
-        "phase": "started",  # `hotswap reload` gives a started hand-over time to finish
-        "master_pid": new_master,
-        "retiring_pid": retiring,
-        "generation": os.environ.get("HOTSWAP_GENERATION", "unknown"),
-        "notified_systemd": False,
-        "retire": "none",
-    }
+def _wait_paused(cfg: config.Config, current: Handover) -> Handover:
+    if current.retiring_pid is not None:
+        paused = pause_workers_wait(cfg, current.retiring_pid, current.log_offset)
+    else:
+        paused = current.paused
+    return _commit(cfg, current, paused)
 
-    def save() -> None:
-        files.atomic_write(cfg.handover_file, json.dumps(record))
 
-    save()
+def _commit(cfg: config.Config, current: Handover, paused: str | None) -> Handover:
+    """The commit point: COMMITTED, "q", RETIRE_SENT, in one critical section."""
+    with record.locked(cfg.run_dir):
+        now = record.read(cfg.run_dir)
+        if now is None or now.master_pid != current.master_pid or not now.may_have_paused:
+            return now or current.to(State.ABORTED, error="record lost")
+        if not procs.alive(now.master_pid):
+            return now  # our master died: the rollback is the CLI's to do
+        committed = now.to(State.COMMITTED, paused=paused)
+        record.write(cfg.run_dir, committed)
+        if committed.retiring_pid is None:
+            # A fresh start: nobody to retire; a standby FIFO here is a crash's leftover.
+            fifo.remove_if_stale(cfg.fifo_standby)
+            sent = committed.to(State.RETIRE_SENT)
+        else:
+            try:
+                fifo.send(cfg.fifo_standby, "q")
+                sent = committed.to(State.RETIRE_SENT)
+            except OSError as exc:  # `hotswap reload` retries "q", and reports it
+                log(f"could not tell old master {committed.retiring_pid} to quit: {exc}")
+                return committed
+        record.write(cfg.run_dir, sent)
+    return sent
+
+
+def _retire(cfg: config.Config, current: Handover) -> Handover:
+    """Committed, "q" not delivered (a take-over, or a failed write): roll forward."""
     try:
-        record["notified_systemd"] = notify.notify(
-            f"MAINPID={new_master}\nSTATUS=Serving generation {record['generation']} "
-            f"(master {new_master})\nREADY=1",
-            barrier=True,
-        )
-    except OSError as exc:  # includes the barrier's TimeoutError: go on, and say so
-        record["notified_systemd"] = f"failed: {exc}"
-    files.atomic_write(cfg.pidfile, f"{new_master}\n")
-    if retiring:
-        try:
-            record["paused_workers"] = pause_workers(cfg, retiring)
-            save()  # a rollback must know the old workers are paused
-            fifo.send(cfg.fifo_standby, "q")
-            record["retire"] = "sent"
-        except Exception as exc:  # noqa: BLE001 - `hotswap reload` retries, and reports it
-            record["retire"] = f"failed: {type(exc).__name__}: {exc}"
-    elif fifo.remove_if_stale(cfg.fifo_standby):
-        # A standby FIFO at a fresh start is a leftover from a crash: nobody to retire.
-        record["retire"] = "removed stale standby FIFO"
-    record["phase"] = "done"
-    record["at"] = time.time()
-    save()
-    return record
+        fifo.send(cfg.fifo_standby, "q")
+    except OSError as exc:
+        log(f"could not tell old master {current.retiring_pid} to quit: {exc}")
+        return current
+    return _advance(cfg, current, State.RETIRE_SENT)
+
+
+def _finish(cfg: config.Config, current: Handover) -> Handover:
+    return _advance(cfg, current, State.DONE)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hotswap.handover")
     parser.add_argument("--ini", required=True)
+    parser.add_argument("--run-dir", required=True, type=Path)
+    parser.add_argument("--fifo-standby", required=True, type=Path)
     args = parser.parse_args(argv)
     try:
-        record = hand_over(config.load(args.ini))
+        outcome = gate(args.run_dir, args.fifo_standby, args.ini)
     except Exception as exc:  # noqa: BLE001 - never fail the hook, see the module docstring
-        print(f"hotswap handover: {type(exc).__name__}: {exc}", file=sys.stderr)
+        log(f"{type(exc).__name__}: {exc}")
         return 0
-    print(
-        f"hotswap handover: master {record['master_pid']} serving generation "
-        f"{record['generation']}; retiring {record['retiring_pid'] or 'nobody'} "
-        f"({record['retire']})",
-        file=sys.stderr,
-    )
+    if outcome not in ("committed", "older generation"):
+        log(outcome)
     return 0
 
 

@@ -1,12 +1,6 @@
-"""The running instance as a whole: which masters exist, stale files, stop, status, recover.
+"""The running instance as a whole: start's checks, stop, status, recover.
 
-An instance can hold up to three kinds of uWSGI master at once:
-- live:    reads the live FIFO (slot 0) and serves;
-- parked:  reads the standby FIFO (slot 1): an old master retiring after a swap, or one
-           stranded there by an interrupted swap;
-- loading: re-forked by one of them ("f"), still importing the release, not yet handed over.
-Masters are recognised by the FIFO they hold open (from /proc), never by a pid alone: a
-pidfile can be stale, and its pid reused by another process, even another uWSGI.
+Which masters exist, and how a swap is undone or finished, is host.py's and repair.py's.
 """
 
 from __future__ import annotations
@@ -15,68 +9,18 @@ import json
 import os
 import signal
 import socket
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import fifo, files, probe, procs, stats
+from . import fifo, probe, procs, record, stats
 from .config import Config
 from .errors import ExitCode, HotswapError
+from .host import RealHost
 from .lock import hold_instance_lock, holder, reload_lock
-
-KILL_TIMEOUT = 10.0
-
-
-@dataclass(frozen=True)
-class Masters:
-    live: int | None = None
-    parked: int | None = None
-    loading: list[int] = field(default_factory=list)
-
-    @property
-    def all(self) -> list[int]:
-        return [pid for pid in (self.live, self.parked, *self.loading) if pid]
+from .repair import abort_generation, repair
 
 
-def handover_record(cfg: Config) -> dict:
-    """The last accepting hook's record (see handover.py), or {}."""
-    try:
-        return json.loads(cfg.handover_file.read_text())
-    except (FileNotFoundError, ValueError):
-        return {}
-
-
-def handed_over(cfg: Config, master: int | None) -> dict | None:
-    record = handover_record(cfg)
-    if master and record.get("master_pid") == master and record.get("phase") == "done":
-        return record
-    return None
-
-
-def find_masters(cfg: Config) -> Masters:
-    pids = procs.all_pids()
-    live = fifo.readers(cfg.fifo_live, pids)
-    parked = fifo.readers(cfg.fifo_standby, pids)
-    reforked = {
-        child for parent in {*live, *parked} for child in procs.session_leaders_below(parent)
-    }
-    # A re-forked master that has not handed over is still loading, even if it already
-    # holds the live FIFO (it creates it before importing the app).
-    loading = sorted(pid for pid in reforked if not handed_over(cfg, pid))
-    serving = [pid for pid in live if pid not in loading]
-    return Masters(
-        live=serving[0] if serving else None,
-        parked=parked[0] if parked else None,
-        loading=loading,
-    )
-
-
-def kill_loading(masters: list[int]) -> None:
-    """SIGKILL masters that never served, with their process groups (a re-forked master
-    leads its own group, its workers included)."""
-    for pid in masters:
-        procs.kill_group(pid, signal.SIGKILL)
-        procs.signal_quietly(pid, signal.SIGKILL)
-    procs.wait_until(lambda: not any(procs.alive(p) for p in masters), KILL_TIMEOUT)
+def find_masters(cfg: Config):
+    return RealHost(cfg).masters()
 
 
 def socket_accepts(path: Path) -> bool:
@@ -108,7 +52,8 @@ def ensure_not_running(cfg: Config) -> None:
 def clear_stale_files(cfg: Config) -> list[Path]:
     """Remove what a dead instance left behind; call only after ensure_not_running()."""
     removed = [path for path in (cfg.fifo_live, cfg.fifo_standby) if fifo.remove_if_stale(path)]
-    for path in (cfg.http_socket, cfg.stats_socket, cfg.pidfile, cfg.handover_file):
+    for path in (cfg.http_socket, cfg.stats_socket, cfg.pidfile,
+                 cfg.run_dir / record.RECORD_NAME):
         try:
             path.unlink()
             removed.append(path)
@@ -133,24 +78,12 @@ def prepare_start(cfg: Config) -> tuple[int, list[Path]]:
 def stop(cfg: Config, timeout: float) -> list[int]:
     """Graceful stop of every master of the instance; returns their pids.
 
-    Serving masters get "q" (in-flight requests finish); a master still loading a release
-    serves nothing and is killed. Files are cleaned once all are gone."""
+    Serving masters get "q" (in-flight requests finish); a generation still loading serves
+    nothing and is rolled back first (repair.py), unless its hand-over had committed, in
+    which case it serves and is stopped like the others. Files are cleaned once all are gone.
+    """
     with reload_lock(cfg, "stop"):
-        masters = find_masters(cfg)
-        if not masters.all:
-            raise HotswapError(
-                f"nothing is running: no master reads a FIFO in {cfg.run_dir}",
-                ExitCode.NOT_RUNNING,
-            )
-        kill_loading(masters.loading)
-        for pid, path in ((masters.parked, cfg.fifo_standby), (masters.live, cfg.fifo_live)):
-            if pid:
-                try:
-                    fifo.send(path, "q")
-                except fifo.NoReader:
-                    # no FIFO to reach it: SIGTERM (with die-on-term, a brutal shutdown)
-                    procs.signal_quietly(pid, signal.SIGTERM)
-        serving = [pid for pid in (masters.parked, masters.live) if pid]
+        stopping, serving = begin_stop(cfg)
         if not procs.wait_until(
             lambda: not any(procs.alive(p) for p in serving), timeout, interval=0.05
         ):
@@ -159,37 +92,49 @@ def stop(cfg: Config, timeout: float) -> list[int]:
                 ExitCode.TIMEOUT,
             )
     clear_stale_files(cfg)
-    return [*serving, *masters.loading]
+    return stopping
+
+
+def begin_stop(cfg: Config) -> tuple[list[int], list[int]]:
+    """The non-blocking half of stop (the caller holds the reload lock): roll back what is
+    loading, "q" to what serves. Returns (every master, the serving ones to wait for)."""
+    host = RealHost(cfg)
+    masters = host.masters()
+    if not masters.all:
+        raise HotswapError(
+            f"nothing is running: no master reads a FIFO in {cfg.run_dir}", ExitCode.NOT_RUNNING
+        )
+    for pid in masters.loading:
+        abort_generation(host, pid, masters.parked, "the instance is stopping")
+    after = host.masters()
+    for pid, path in ((after.parked, cfg.fifo_standby), (after.live, cfg.fifo_live)):
+        if pid:
+            try:
+                fifo.send(path, "q")
+            except fifo.NoReader:
+                # no FIFO to reach it: SIGTERM (with die-on-term, a brutal shutdown)
+                procs.signal_quietly(pid, signal.SIGTERM)
+    serving = [pid for pid in (after.parked, after.live) if pid]
+    return sorted({*serving, *masters.all}), serving
 
 
 def recover(cfg: Config) -> str:
-    """Repair the instance after an interrupted swap (e.g. `hotswap reload` SIGKILLed):
-    a master left loading is killed, a parked master is retired if another serves, or moved
-    back to the live FIFO if none does. Returns what it did."""
+    """Repair the instance after an interrupted swap (e.g. `hotswap reload` SIGKILLed): a
+    generation left loading is rolled back (or, if its hand-over had committed, finished), a
+    parked master is retired if another serves, or moved back to the live FIFO if none does.
+    Returns what it did."""
     with reload_lock(cfg, "recover"):
-        masters = find_masters(cfg)
-        done = []
-        if masters.loading:
-            kill_loading(masters.loading)
-            done.append(f"killed master {', '.join(map(str, masters.loading))} (still loading)")
-        if masters.parked and masters.live:
-            fifo.send(cfg.fifo_standby, "q")
-            done.append(f"retired master {masters.parked}, parked on the standby FIFO")
-        elif masters.parked:
-            parked = masters.parked
-            if not fifo.move_to_live(parked, cfg.fifo_standby, cfg.fifo_live, KILL_TIMEOUT):
-                raise HotswapError(
-                    f"master {parked} did not take {cfg.fifo_live} back", ExitCode.INCONSISTENT
-                )
-            files.atomic_write(cfg.pidfile, f"{masters.parked}\n", owner_of=cfg.run_dir)
-            done.append(f"moved master {masters.parked} back to the live FIFO")
-        elif fifo.remove_if_stale(cfg.fifo_standby):
-            done.append("removed a stale standby FIFO")
-        return "; ".join(done) or "nothing to recover"
+        report = repair(RealHost(cfg))
+    lines = [*report.actions, *(f"warning: {w}" for w in report.warnings)]
+    if report.draining:
+        lines.append(f"old master {report.draining} is draining its in-flight requests and "
+                     "exits on its own")
+    return "; ".join(lines) or "nothing to recover"
 
 
 def status(cfg: Config) -> dict:
     masters = find_masters(cfg)
+    handover = record.read(cfg.run_dir)
     master = masters.live
     health = probe.healthz(cfg.http_socket, timeout=2.0) if master else None
     document = stats.read(cfg.stats_socket) if master else None
@@ -218,5 +163,6 @@ def status(cfg: Config) -> dict:
         "pidfile": str(cfg.pidfile.absolute()),
         "log_file": str(cfg.log_file.absolute()),
         "reload_in_progress": holder(cfg),
+        "handover": handover.to_json() if handover else None,
         "last_reload": last_reload,
     }

@@ -13,23 +13,28 @@ T = TypeVar("T")
 
 
 def wait_until(
-    probe: Callable[[], T], timeout: float, interval: float = 0.02
+    probe: Callable[[], T],
+    timeout: float,
+    interval: float = 0.02,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
 ) -> T | None:
     """Call `probe` until it returns something truthy or `timeout` seconds pass.
 
     Returns the truthy value, or None at the deadline. The probe always runs at least once
-    and once more at the deadline, so a zero timeout still checks.
+    and once more at the deadline, so a zero timeout still checks. `clock` and `sleep` are
+    injectable: the reload machine passes its host's, so its unit tests run on a fake clock.
     """
-    deadline = time.monotonic() + timeout
+    deadline = clock() + timeout
     while True:
         value = probe()
         if value:
             return value
-        remaining = deadline - time.monotonic()
+        remaining = deadline - clock()
         if remaining <= 0:
             value = probe()
             return value or None
-        time.sleep(min(interval, remaining))
+        sleep(min(interval, remaining))
 
 
 @dataclass(frozen=True)
@@ -59,14 +64,6 @@ def alive(pid: int | None) -> bool:
         return False
     info = stat(pid)
     return info is not None and info.state != "Z"
-
-
-def cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as handle:
-            return handle.read().replace(b"\0", b" ").decode(errors="replace").strip()
-    except OSError:
-        return ""
 
 
 def all_pids() -> list[int]:

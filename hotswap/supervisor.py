@@ -7,20 +7,23 @@ master is re-parented to it, and it exits only when the last master does.
 
 One loop, gunicorn-style: signals are received synchronously (sigtimedwait) and dispatched
 to a handle_<name> method; children are reaped in the same loop.
+
+Ctrl-C (or SIGTERM) during a reload waits for the reload to settle (it holds the reload lock,
+and either commits or rolls back), then stops whatever serves: never a new generation left
+running after "stopping". It exits non-zero if uWSGI exits before any generation served.
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
-import json
 import os
 import signal
 import subprocess
 import sys
 
-from . import fifo, procs
+from . import instance, lock, procs, record
 from .config import Config
+from .errors import HotswapError
 
 PR_SET_CHILD_SUBREAPER = 36
 WAKE_SIGNALS = {signal.SIGCHLD, signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT}
@@ -39,7 +42,8 @@ class Supervisor:
         self.env = env
         self.keep_fd = keep_fd  # the instance lock, held by uWSGI too
         self.exit_code = 0
-        self.stopping = False
+        self.stopping = False  # Ctrl-C seen
+        self.stop_sent = False  # ... and the masters were told to quit
         self.announced: int | None = None
 
     def run(self) -> int:
@@ -55,10 +59,18 @@ class Supervisor:
         self.first_master = first.pid
         while self.reap():
             self.announce()
+            if self.stopping and not self.stop_sent:
+                self.try_stop()
             info = signal.sigtimedwait(WAKE_SIGNALS, 0.5)
             if info is not None and info.si_signo != signal.SIGCHLD:
                 name = signal.Signals(info.si_signo).name.lower()
                 getattr(self, f"handle_{name}")()
+        if self.announced is None and not self.stopping:
+            print(f"hotswap: uWSGI exited before any generation served (exit "
+                  f"{self.exit_code}); see {self.cfg.log_file}", file=sys.stderr)
+            return self.exit_code or 1
+        if self.stopping:
+            print("hotswap: stopped", file=sys.stderr)
         return self.exit_code
 
     def reap(self) -> bool:
@@ -75,26 +87,35 @@ class Supervisor:
                 self.exit_code = code if code >= 0 else 128 - code
 
     def announce(self) -> None:
-        """Say once per generation when it serves (the accepting hook's record)."""
-        try:
-            record = json.loads(self.cfg.handover_file.read_text())
-        except (OSError, ValueError):
-            return
-        if record.get("phase") == "done" and record.get("master_pid") != self.announced:
-            self.announced = record.get("master_pid")
+        """Say once per generation when it serves (its hand-over committed)."""
+        current = record.read(self.cfg.run_dir)
+        if current and current.committed and current.master_pid != self.announced:
+            self.announced = current.master_pid
             print(f"hotswap: master {self.announced} serving generation "
-                  f"{record.get('generation')} on {self.cfg.http_socket}", file=sys.stderr)
+                  f"{current.generation} on {self.cfg.http_socket}", file=sys.stderr)
 
     def handle_sigint(self) -> None:
-        """Ctrl-C: stop gracefully; a second one stops now."""
+        """Ctrl-C: stop gracefully (once a reload in progress settles); again: stop now."""
         if self.stopping:
             self.handle_sigquit()
             return
         self.stopping = True
-        print("hotswap: stopping gracefully (Ctrl-C again to stop now)", file=sys.stderr)
-        for path in (self.cfg.fifo_live, self.cfg.fifo_standby):
-            with contextlib.suppress(fifo.NoReader):
-                fifo.send(path, "q")
+        reloading = lock.holder(self.cfg)
+        if reloading:
+            print(f"hotswap: stopping once the reload in progress (pid {reloading}) settles "
+                  "(Ctrl-C again to stop now)", file=sys.stderr)
+        else:
+            print("hotswap: stopping gracefully (Ctrl-C again to stop now)", file=sys.stderr)
+        self.try_stop()
+
+    def try_stop(self) -> None:
+        """Roll back what loads, "q" to what serves; not while a reload holds its lock."""
+        try:
+            with lock.reload_lock(self.cfg, "stop"):
+                instance.begin_stop(self.cfg)
+        except HotswapError:
+            return  # a reload is in progress (retried on the next turn), or nothing runs
+        self.stop_sent = True
 
     handle_sigterm = handle_sigint
 

@@ -7,6 +7,7 @@ pidfile and log. Every process a test starts is stopped by pid at teardown.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -101,12 +102,24 @@ class Service:
         )
 
     def cli_background(self, *args: str) -> subprocess.Popen:
+        # Unbuffered: a test acts on each phase line as the CLI prints it.
         process = subprocess.Popen(
             [sys.executable, "-m", "hotswap", "--ini", str(self.ini), *args],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=self.root,
+            env=dict(os.environ, PYTHONUNBUFFERED="1"),
         )
         self.background.append(process)
         return process
+
+    def handover(self) -> dict:
+        """The hand-over record as the hook wrote it ({} if none)."""
+        try:
+            return json.loads((self.run_dir / "handover.json").read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def status(self) -> dict:
+        return json.loads(self.cli("status", "--json", timeout=60).stdout)
 
     def all_workers_accepting(self) -> bool:
         document = stats.read(self.run_dir / "stats.sock")
@@ -185,6 +198,33 @@ class Service:
                 self.supervisor.stderr.close()
         left = [p for p in self.all_pids() if procs.alive(p)]
         assert not left, f"processes left behind: {left}"
+
+
+class Lines:
+    """A background process's stdout, line by line, as it prints it."""
+
+    def __init__(self, process: subprocess.Popen) -> None:
+        self.process = process
+        self.lines: list[str] = []
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self.lines.append(line)
+
+    def wait_for(self, text: str, timeout: float = 60.0) -> str:
+        found = procs.wait_until(
+            lambda: next((line for line in self.lines if text in line), None), timeout,
+            interval=0.002)
+        assert found, f"{text!r} never printed; got {self.lines}"
+        return found
+
+    def finish(self, timeout: float = 120.0) -> tuple[int, str, str]:
+        """(exit code, stdout, stderr) once the process exits."""
+        code = self.process.wait(timeout=timeout)
+        self.thread.join(timeout=10)
+        return code, "".join(self.lines), self.process.stderr.read()
 
 
 class SlowRequest:

@@ -39,7 +39,7 @@ def test_stale_fifos_socket_and_pidfile_at_start(service: Service):
     service.start()
     assert procs.wait_until(service.all_workers_accepting, 30)
     handover = json.loads((run / "handover.json").read_text())
-    assert handover["retire"] in ("none", "removed stale standby FIFO")
+    assert handover["state"] == "done" and handover["retiring_pid"] is None
     assert not (run / "1.fifo").exists()
     # every worker accepts: four concurrent slow requests land on four distinct workers
     answers = []

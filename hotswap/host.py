@@ -1,0 +1,167 @@
+"""The one interface through which the reload machine, `recover` and `stop` touch the world.
+
+tableflip's habit: the state machine reaches the OS through a small injected environment, so
+every transition is unit-tested in milliseconds with a fake (tests/fakehost.py), while a few
+tests run real processes through RealHost. RealHost is the only implementation here; it
+wraps procs, fifo, record, uwsgilog, probe, stats and notify and adds no logic of its own
+beyond telling the masters apart.
+
+An instance can hold up to three kinds of uWSGI master at once:
+- live:    reads the live FIFO (slot 0) and serves;
+- parked:  reads the standby FIFO (slot 1): an old master retiring after a swap, or one
+           stranded there by an interrupted swap;
+- loading: re-forked by one of them ("f") and not committed (record.py), still importing the
+           release or waiting at its hand-over; its workers do not accept yet.
+Masters are recognised by the FIFO they hold open (from /proc), never by a pid alone: a
+pidfile can be stale, and its pid reused by another process, even another uWSGI.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Protocol
+
+from . import fifo, files, notify, probe, procs, record, stats, uwsgilog
+from .config import Config
+from .record import Handover, State
+
+KILL_TIMEOUT = 10.0
+
+
+class Slot(str, Enum):
+    LIVE = "live"
+    STANDBY = "standby"
+
+
+@dataclass(frozen=True)
+class Masters:
+    live: int | None = None
+    parked: int | None = None
+    loading: list[int] = field(default_factory=list)
+
+    @property
+    def all(self) -> list[int]:
+        return [pid for pid in (self.live, self.parked, *self.loading) if pid]
+
+
+class Host(Protocol):
+    """What the machine may ask or do. Every method is quick: waiting is the caller's."""
+
+    def now(self) -> float: ...
+    def sleep(self, seconds: float) -> None: ...
+    def masters(self) -> Masters: ...
+    def alive(self, pid: int | None) -> bool: ...
+    def reforked_below(self, master: int) -> list[int]: ...
+    def workers_of(self, master: int) -> list[int]: ...
+    def signal(self, pid: int, sig: int) -> None: ...
+    def kill_generations(self, masters: list[int]) -> None: ...
+    def send(self, slot: Slot, commands: str) -> None: ...  # fifo.NoReader if nobody reads
+    def holds(self, master: int, slot: Slot) -> bool: ...
+    def remove_stale(self, slot: Slot) -> bool: ...
+    def handover(self) -> Handover | None: ...
+    def abort(self, master: int, error: str) -> tuple[Handover | None, Handover | None]: ...
+    def log_mark(self) -> int: ...
+    def log_since(self, mark: int) -> bytes: ...
+    def healthz(self, timeout: float) -> dict | None: ...
+    def stats(self) -> dict | None: ...
+    def notify(self, message: str) -> bool: ...
+    def write_pidfile(self, master: int) -> None: ...
+
+
+class RealHost:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self._fifos = {Slot.LIVE: cfg.fifo_live, Slot.STANDBY: cfg.fifo_standby}
+
+    def now(self) -> float:
+        return time.monotonic()
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+    def masters(self) -> Masters:
+        pids = procs.all_pids()
+        live = fifo.readers(self.cfg.fifo_live, pids)
+        parked = fifo.readers(self.cfg.fifo_standby, pids)
+        reforked = {child for parent in {*live, *parked}
+                    for child in procs.session_leaders_below(parent)}
+        current = record.read(self.cfg.run_dir)
+        # A re-forked master is loading until its hand-over commits, even if it already holds
+        # the live FIFO (it creates it before importing the app).
+        loading = sorted(pid for pid in reforked
+                         if not (current and current.master_pid == pid and current.committed))
+        serving = [pid for pid in live if pid not in loading]
+        return Masters(serving[0] if serving else None, parked[0] if parked else None, loading)
+
+    def alive(self, pid: int | None) -> bool:
+        return procs.alive(pid)
+
+    def reforked_below(self, master: int) -> list[int]:
+        return procs.session_leaders_below(master)
+
+    def workers_of(self, master: int) -> list[int]:
+        reforked = procs.session_leaders_below(master)
+        return [pid for pid in procs.children(master) if pid not in reforked]
+
+    def signal(self, pid: int, sig: int) -> None:
+        procs.signal_quietly(pid, sig)
+
+    def kill_generations(self, masters: list[int]) -> None:
+        """SIGKILL masters that never served, with their process groups (a re-forked master
+        leads its own group: its workers and their hooks included), and wait for them."""
+        for pid in masters:
+            procs.kill_group(pid, signal.SIGKILL)
+            procs.signal_quietly(pid, signal.SIGKILL)
+        procs.wait_until(lambda: not any(procs.alive(p) for p in masters), KILL_TIMEOUT)
+
+    def send(self, slot: Slot, commands: str) -> None:
+        fifo.send(self._fifos[slot], commands)
+
+    def holds(self, master: int, slot: Slot) -> bool:
+        return procs.holds_open(master, self._fifos[slot])
+
+    def remove_stale(self, slot: Slot) -> bool:
+        return fifo.remove_if_stale(self._fifos[slot])
+
+    def handover(self) -> Handover | None:
+        return record.read(self.cfg.run_dir)
+
+    def abort(self, master: int, error: str) -> tuple[Handover | None, Handover | None]:
+        """ABORTED, unless the hand-over committed first: (record before, record after)."""
+        with record.locked(self.cfg.run_dir):
+            before = record.read(self.cfg.run_dir)
+            if before is None or before.master_pid != master:
+                # The hook never recorded anything: an abort record stops a late one.
+                before = None
+                after = Handover(master_pid=master, state=State.ABORTED, error=error,
+                                 at=time.time())
+            elif before.committed or before.state is State.ABORTED:
+                return before, before
+            else:
+                after = before.to(State.ABORTED, error=error)
+            record.write(self.cfg.run_dir, after)
+            return before, after
+
+    def log_mark(self) -> int:
+        return uwsgilog.size(self.cfg.log_file)
+
+    def log_since(self, mark: int) -> bytes:
+        return uwsgilog.read_since(self.cfg.log_file, mark)
+
+    def healthz(self, timeout: float) -> dict | None:
+        return probe.healthz(self.cfg.http_socket, timeout=timeout)
+
+    def stats(self) -> dict | None:
+        return stats.read(self.cfg.stats_socket)
+
+    def notify(self, message: str) -> bool:
+        try:
+            return notify.notify(message, barrier=True)
+        except OSError:
+            return False
+
+    def write_pidfile(self, master: int) -> None:
+        files.atomic_write(self.cfg.pidfile, f"{master}\n", owner_of=self.cfg.run_dir)

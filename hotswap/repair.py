@@ -1,0 +1,162 @@
+"""Undoing a swap that has not committed, and finishing one that has: the one rule that the
+reload's rollback, `recover`, `stop` and the next reload's preflight all follow.
+
+Before the commit point (record.py: COMMITTED), the new generation has served nothing (its
+workers wait at the hook's gate): it is killed, the old workers are resumed if they were
+paused, systemd is told the old master is the main pid again if it had been told otherwise,
+and the old master takes the live FIFO back. From the commit point on, nothing is undone:
+whoever finds a committed hand-over finishes it ("q" to the old master if it was not sent).
+"""
+
+from __future__ import annotations
+
+import signal
+from dataclasses import dataclass, field
+
+from . import fifo, procs, uwsgilog
+from .errors import ExitCode, HotswapError
+from .host import Host, Slot
+from .record import Handover, State
+
+ROLLBACK_TIMEOUT = 10.0
+# How long "p" may take to show in the log before we conclude it never reached the master.
+PAUSE_EVIDENCE_SECONDS = 0.5
+
+
+def wait(host: Host, probe, timeout: float, interval: float = 0.02):
+    """procs.wait_until on the host's clock."""
+    return procs.wait_until(probe, timeout, interval, clock=host.now, sleep=host.sleep)
+
+
+@dataclass
+class Rollback:
+    """What abort_generation did, or the committed record that made it roll forward."""
+
+    committed: Handover | None = None
+    actions: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def abort_generation(host: Host, new_master: int | None, old_master: int | None,
+                     cause: str) -> Rollback:
+    """Roll back the generation `new_master` (None: whatever `old_master` re-forked)."""
+    done = Rollback()
+    before = None
+    if new_master is not None:
+        before, after = host.abort(new_master, cause)
+        if after is not None and after.committed:
+            done.committed = after  # it committed first: roll forward instead
+            return done
+    if before and before.notified_systemd and old_master:
+        # Before the kill: systemd must not see its main pid (the new master) die.
+        host.notify(f"MAINPID={old_master}\nSTATUS=Serving (master {old_master}); "
+                    f"the reload was rolled back: {cause}")
+        done.actions.append(f"told systemd master {old_master} is the main pid again")
+    if before and before.may_have_paused and old_master and _paused(host, before):
+        try:
+            host.send(Slot.STANDBY, "p")  # "p" toggles: resumes the paused old workers
+            done.actions.append(f"resumed the paused workers of master {old_master}")
+        except fifo.NoReader:
+            done.warnings.append(f"could not resume the paused workers of {old_master}")
+    doomed = set(host.reforked_below(old_master)) if old_master else set()
+    doomed |= {new_master} if new_master else set()
+    if doomed:
+        host.kill_generations(sorted(doomed))
+        done.actions.append(f"killed master {', '.join(map(str, sorted(doomed)))}")
+    if old_master:
+        if move_to_live(host, old_master):
+            host.write_pidfile(old_master)  # the hook may have named the new master there
+        else:
+            done.warnings.append(f"old master {old_master} did not take the live FIFO back; "
+                                 "run `hotswap recover`")
+    return done
+
+
+def _paused(host: Host, before: Handover) -> bool:
+    """Did "p" reach the old master? Certain in PAUSED; in PAUSING (the hook died inside its
+    critical section) the master's own log line says, once it has read the FIFO."""
+    if before.state is State.PAUSED:
+        return True
+    evidence = wait(host, lambda: uwsgilog.paused_by_log(host.log_since(before.log_offset))
+                    is not None, PAUSE_EVIDENCE_SECONDS)
+    return bool(evidence) and bool(uwsgilog.paused_by_log(host.log_since(before.log_offset)))
+
+
+def move_to_live(host: Host, master: int) -> bool:
+    """Send `master`, parked on the standby FIFO, back to slot 0. True once it listens on
+    the live FIFO (also when it never left it); the standby FIFO it leaves is removed."""
+    if not host.holds(master, Slot.LIVE):
+        try:
+            host.send(Slot.STANDBY, "0")
+        except fifo.NoReader:
+            pass
+    listening = wait(host, lambda: host.holds(master, Slot.LIVE), ROLLBACK_TIMEOUT)
+    host.remove_stale(Slot.STANDBY)
+    return bool(listening)
+
+
+def finish_committed(host: Host, committed: Handover) -> str | None:
+    """Roll a committed hand-over forward: "q" to the old master if the hook could not."""
+    if committed.state is State.COMMITTED and host.alive(committed.retiring_pid):
+        try:
+            host.send(Slot.STANDBY, "q")
+            return f"told old master {committed.retiring_pid} to quit (the hand-over had committed)"
+        except fifo.NoReader:
+            return None
+    return None
+
+
+def wake(host: Host, master: int) -> None:
+    """A master whose workers all exited notices it only on its next loop turn, up to a
+    second later (SIGCHLD does not wake it). SIGUSR1 (log the stats) interrupts that wait:
+    the retired generation's final counters land in the log and it exits at once."""
+    host.signal(master, signal.SIGUSR1)
+
+
+@dataclass
+class Repair:
+    actions: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    draining: int | None = None  # an old master told to quit, still finishing requests
+
+
+def repair(host: Host) -> Repair:
+    """Clear what an interrupted swap left (a reload SIGKILLed at any phase, by an operator
+    or by systemd's timeout): safe to run at any time, with the reload lock held."""
+    report = Repair()
+    masters = host.masters()
+    for pid in masters.loading:
+        done = abort_generation(host, pid, masters.parked,
+                                "left loading by an interrupted reload")
+        if done.committed:
+            action = finish_committed(host, done.committed)
+            report.actions.append(action or f"master {pid} had committed its hand-over")
+        else:
+            report.actions.append(f"rolled back master {pid} (loading a release nobody "
+                                  "waited for)")
+            report.actions.extend(done.actions)
+        report.warnings.extend(done.warnings)
+    masters = host.masters()
+    current = host.handover()
+    if masters.parked and masters.live:
+        if current and current.master_pid == masters.live and current.committed \
+                and current.retiring_pid == masters.parked:
+            action = finish_committed(host, current)
+            if action:
+                report.actions.append(action)
+            report.draining = masters.parked
+        else:
+            # Two masters serve and nothing links them: the live one stays, the parked
+            # one retires gracefully.
+            host.send(Slot.STANDBY, "q")
+            report.actions.append(f"retired master {masters.parked}, parked on the standby FIFO")
+            report.draining = masters.parked
+    elif masters.parked:
+        if not move_to_live(host, masters.parked):
+            raise HotswapError(f"master {masters.parked} did not take the live FIFO back",
+                               ExitCode.INCONSISTENT)
+        host.write_pidfile(masters.parked)
+        report.actions.append(f"moved master {masters.parked} back to the live FIFO")
+    elif host.remove_stale(Slot.STANDBY):
+        report.actions.append("removed a stale standby FIFO")
+    return report

@@ -1,0 +1,194 @@
+"""A fake Host (hotswap/host.py) for the reload machine's unit tests: a fake clock, one old
+master (100) with four workers, and a new generation (200) whose hook follows a scripted plan.
+
+It models only what the machine can observe, the way uWSGI behaves:
+- "1f" on the live FIFO parks the old master on the standby FIFO and forks master 200;
+- the hook's plan writes the hand-over record at given times; reaching COMMITTED means the
+  hook wrote "q" (the old master drains for `drain_seconds`, then exits), unless the plan says
+  the hook could not;
+- "p" toggles the old workers' pause, "0" moves the old master back to the live FIFO, "q"
+  retires it; a killed generation stops its plan (its hook dies with it).
+Every FIFO command, notification and kill is recorded in `events`, in order, for assertions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from hotswap import fifo
+from hotswap.host import Masters, Slot
+from hotswap.record import Handover, State
+
+OLD, NEW = 100, 200
+OLD_WORKERS = [101, 102, 103, 104]
+
+# The hook's steps of a good hand-over, as (seconds after "1f", state).
+GOOD_PLAN = [(0.5, State.STARTED), (0.52, State.NOTIFIED), (0.53, State.PAUSED),
+             (0.55, State.COMMITTED), (0.551, State.RETIRE_SENT), (0.552, State.DONE)]
+
+
+class FakeHost:
+    def __init__(self, plan: list[tuple[float, State]] | None = None,
+                 drain_seconds: float = 0.2) -> None:
+        self.t = 0.0
+        self.plan = GOOD_PLAN if plan is None else plan
+        self.drain_seconds = drain_seconds
+        self.alive_pids = {OLD, *OLD_WORKERS}
+        self.slot: dict[int, Slot] = {OLD: Slot.LIVE}  # which FIFO each master reads
+        self.record: Handover | None = Handover(master_pid=OLD, state=State.DONE)
+        self.paused = False
+        self.log = b""
+        self.events: list[tuple] = []
+        self.timers: list[tuple[float, Callable[[], None]]] = []
+        self.new = NEW
+        self.forks = 0
+        self.q_fails = False  # the hook cannot write "q" (its FIFO write fails)
+        self.systemd = False  # whether notify() reaches a systemd
+
+    # -- the fake world ------------------------------------------------------------------
+    def at(self, when: float, action: Callable[[], None]) -> None:
+        self.timers.append((when, action))
+
+    def _run_timers(self) -> None:
+        due = sorted((t, a) for t, a in self.timers if t <= self.t)
+        self.timers = [(t, a) for t, a in self.timers if t > self.t]
+        for _, action in due:
+            action()
+
+    def _hook_writes(self, state: State) -> None:
+        if self.new not in self.alive_pids:
+            return
+        if state is State.STARTED:
+            self.record = Handover(master_pid=self.new, state=state, retiring_pid=OLD,
+                                   generation="v2", performer_pid=201)
+            return
+        current = self.record
+        if current and current.master_pid == self.new and current.state is State.ABORTED:
+            return  # the hook lost the race: it stops
+        if state is State.PAUSED:
+            self.paused = not self.paused
+        self.record = self.record.to(state, notified_systemd=self.systemd or
+                                     self.record.notified_systemd)
+        if state is State.COMMITTED and not self.q_fails:
+            self._quit(OLD)
+
+    def _quit(self, master: int) -> None:
+        self.events.append(("quit", master))
+        self.at(self.t + self.drain_seconds, lambda: self._exit(master))
+
+    def _exit(self, master: int) -> None:
+        self.alive_pids -= {master, *(OLD_WORKERS if master == OLD else [])}
+        self.slot.pop(master, None)
+
+    def _fork(self) -> None:
+        self.new = NEW + 10 * self.forks  # the first fork is NEW
+        self.forks += 1
+        self.alive_pids.add(self.new)
+        self.slot[OLD] = Slot.STANDBY
+        self.slot[self.new] = Slot.LIVE
+        self.log += b"new master copy spawned with pid %d\n" % self.new
+        start = self.t
+        for delay, state in self.plan:
+            self.at(start + delay, lambda s=state: self._hook_writes(s))
+
+    def serving(self) -> int | None:
+        """Whose workers accept: the new generation once committed, else the old one unless
+        paused."""
+        if self.record and self.record.master_pid == self.new and self.record.committed \
+                and self.new in self.alive_pids:
+            return self.new
+        return OLD if OLD in self.alive_pids and not self.paused else None
+
+    # -- Host ----------------------------------------------------------------------------
+    def now(self) -> float:
+        return self.t
+
+    def sleep(self, seconds: float) -> None:
+        self.t += max(seconds, 0.001)
+        self._run_timers()
+
+    def masters(self) -> Masters:
+        live = [m for m, s in self.slot.items() if s is Slot.LIVE and m in self.alive_pids]
+        parked = [m for m, s in self.slot.items() if s is Slot.STANDBY and m in self.alive_pids]
+        committed = self.record and self.record.committed and self.record.master_pid
+        loading = [m for m in self.reforked_below(OLD) if m != committed]
+        serving = [m for m in live if m not in loading]
+        return Masters(serving[0] if serving else None, parked[0] if parked else None, loading)
+
+    def alive(self, pid: int | None) -> bool:
+        return pid in self.alive_pids
+
+    def reforked_below(self, master: int) -> list[int]:
+        return [self.new] if master == OLD and OLD in self.alive_pids and \
+            self.new in self.alive_pids else []
+
+    def workers_of(self, master: int) -> list[int]:
+        return [w for w in OLD_WORKERS if w in self.alive_pids] if master == OLD else []
+
+    def signal(self, pid: int, sig: int) -> None:
+        self.events.append(("signal", pid, sig))
+
+    def kill_generations(self, masters: list[int]) -> None:
+        self.events.append(("kill", tuple(masters)))
+        self.alive_pids -= set(masters)
+        for master in masters:
+            self.slot.pop(master, None)
+
+    def send(self, slot: Slot, commands: str) -> None:
+        readers = [m for m, s in self.slot.items() if s is slot and m in self.alive_pids]
+        if not readers:
+            raise fifo.NoReader(6, f"no master is reading the {slot.value} FIFO")
+        self.events.append(("send", slot.value, commands))
+        master = readers[0]
+        if commands == "1f":
+            self._fork()
+        elif commands == "p":
+            self.paused = not self.paused
+        elif commands == "q":
+            self._quit(master)
+        elif commands == "0" and not any(s is Slot.LIVE and m in self.alive_pids
+                                         for m, s in self.slot.items()):
+            self.slot[master] = Slot.LIVE
+
+    def holds(self, master: int, slot: Slot) -> bool:
+        return self.slot.get(master) is slot and master in self.alive_pids
+
+    def remove_stale(self, slot: Slot) -> bool:
+        return False
+
+    def handover(self) -> Handover | None:
+        return self.record
+
+    def abort(self, master: int, error: str):
+        before = self.record if self.record and self.record.master_pid == master else None
+        if before and (before.committed or before.state is State.ABORTED):
+            return before, before
+        after = (before.to(State.ABORTED, error=error) if before
+                 else Handover(master_pid=master, state=State.ABORTED, error=error))
+        self.record = after
+        self.events.append(("abort", master))
+        return before, after
+
+    def log_mark(self) -> int:
+        return len(self.log)
+
+    def log_since(self, mark: int) -> bytes:
+        return self.log[mark:]
+
+    def healthz(self, timeout: float) -> dict | None:
+        master = self.serving()
+        if master is None:
+            self.sleep(timeout)  # nobody accepts: the probe times out
+            return None
+        return {"master_pid": master, "generation": "v1" if master == OLD else "v2"}
+
+    def stats(self) -> dict | None:
+        master = self.serving()
+        return {"pid": master, "workers": [{"pid": 1, "accepting": 1}]} if master else None
+
+    def notify(self, message: str) -> bool:
+        self.events.append(("notify", message.splitlines()[0]))
+        return self.systemd
+
+    def write_pidfile(self, master: int) -> None:
+        self.events.append(("pidfile", master))

@@ -1,0 +1,261 @@
+"""Every transition of the reload machine, on a fake host (tests/fakehost.py): milliseconds
+each. What each asserts is what the operator relies on: the exit code, the message, which
+generation serves afterwards, and which FIFO commands were sent (never "p" or "0" to a master
+told "q"; never a kill of a generation that committed)."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+from fakehost import GOOD_PLAN, NEW, OLD, FakeHost
+
+from hotswap.errors import ExitCode, HotswapError
+from hotswap.host import Masters, Slot
+from hotswap.record import Handover, State
+from hotswap.reload import PAUSE_STALL, Phase, Reload
+
+
+def run(host: FakeHost, timeout: float = 30.0, drain: float = 5.0, interrupt_at=None,
+        signame: str = "SIGTERM"):
+    """Run one reload; `interrupt_at` is a phase (the signal lands as it is entered) or a
+    time (seconds on the fake clock)."""
+    phases: list[str] = []
+    machine: Reload
+
+    def on_phase(phase: Phase, _at: float, _detail: str) -> None:
+        phases.append(phase.value)
+        if phase == interrupt_at:
+            machine.interrupt(signame)
+
+    machine = Reload(host, timeout, drain, on_phase)
+    if isinstance(interrupt_at, float):
+        host.at(interrupt_at, lambda: machine.interrupt(signame))
+    return machine.run(), phases
+
+
+def sent(host: FakeHost) -> list[tuple[str, str]]:
+    return [(e[1], e[2]) for e in host.events if e[0] == "send"]
+
+
+def after_quit(host: FakeHost) -> list[tuple]:
+    """Everything done to the old master after it was told to quit."""
+    quits = [i for i, e in enumerate(host.events) if e == ("quit", OLD)]
+    return host.events[quits[0] + 1:] if quits else []
+
+
+def assert_old_serves(host: FakeHost) -> None:
+    assert host.serving() == OLD and host.holds(OLD, Slot.LIVE)
+    assert NEW not in host.alive_pids
+
+
+def assert_new_serves(host: FakeHost) -> None:
+    assert host.serving() == NEW
+    assert ("kill", (NEW,)) not in host.events
+    assert not [e for e in after_quit(host) if e[0] == "send" and e[1] == "standby"], \
+        "a command was sent to a master already told to quit"
+
+
+def test_success_walks_every_phase_and_sends_only_1f():
+    host = FakeHost()
+    result, phases = run(host)
+    assert result.ok and result.exit_code == 0
+    assert phases == ["preflight", "forking", "loading", "retiring", "verifying", "done"]
+    assert result.message == "generation v1 (master 100) -> v2 (master 200)"
+    assert sent(host) == [("live", "1f")]  # "p" and "q" are the hook's
+    assert_new_serves(host)
+
+
+def test_new_master_crash_while_loading_rolls_back_with_its_cause():
+    host = FakeHost(plan=[])
+    host.at(0.3, lambda: (host.kill_generations([NEW]),
+                          setattr(host, "log", host.log + b"ImportError: release 42\n")))
+    result, phases = run(host)
+    assert result.exit_code == ExitCode.RELOAD_FAILED and result.rolled_back
+    assert "new master 200 exited while loading" in result.message
+    assert result.message.endswith(": ImportError: release 42")
+    assert phases[-2:] == ["rolling-back", "failed"]
+    assert ("standby", "0") in sent(host)
+    assert_old_serves(host)
+
+
+def test_hang_past_timeout_is_exit_5_and_killed():
+    host = FakeHost(plan=[])
+    result, _ = run(host, timeout=3.0)
+    assert result.exit_code == ExitCode.TIMEOUT
+    assert "not ready within --timeout 3s" in result.message
+    assert ("kill", (NEW,)) in host.events
+    assert_old_serves(host)
+
+
+def test_a_hand_over_started_at_the_deadline_gets_its_grace():
+    host = FakeHost(plan=[(2.9, State.STARTED), (5.0, State.NOTIFIED), (5.01, State.PAUSED),
+                          (5.02, State.COMMITTED), (5.03, State.DONE)])
+    result, _ = run(host, timeout=3.0)
+    assert result.ok, result.message
+    assert_new_serves(host)
+
+
+@pytest.mark.parametrize("last_state", [State.STARTED, State.NOTIFIED, State.PAUSED])
+def test_new_master_killed_at_each_pre_commit_step(last_state: State):
+    plan = [step for step in GOOD_PLAN if step[1] in
+            (State.STARTED, State.NOTIFIED, State.PAUSED)]
+    plan = plan[:[s for _, s in plan].index(last_state) + 1]
+    host = FakeHost(plan=plan)
+    host.systemd = True
+    host.at(1.0, lambda: host.kill_generations([NEW]))
+    result, _ = run(host)
+    assert result.exit_code == ExitCode.RELOAD_FAILED and result.rolled_back
+    assert "exited while loading" in result.message
+    assert_old_serves(host)
+    assert host.paused is False, "old workers left paused"
+    assert (("standby", "p") in sent(host)) == (last_state is State.PAUSED)
+
+
+def test_systemd_is_told_the_old_main_pid_before_the_new_generation_dies():
+    host = FakeHost(plan=GOOD_PLAN[:3])  # notified, paused, then the hook stops
+    host.systemd = True
+    result, _ = run(host)
+    assert result.exit_code == ExitCode.RELOAD_FAILED and "stalled" in result.message
+    kinds = [e[0] for e in host.events]
+    notify = kinds.index("notify", kinds.index("abort"))
+    assert host.events[notify][1] == f"MAINPID={OLD}"
+    assert notify < kinds.index("kill"), "systemd must know the old main pid before the kill"
+    assert_old_serves(host)
+
+
+def test_hook_dead_between_p_and_q_is_rolled_back_within_the_stall_budget():
+    host = FakeHost(plan=GOOD_PLAN[:3])  # PAUSED, then nothing: the hook was SIGKILLed
+    result, _ = run(host, timeout=300)
+    assert result.exit_code == ExitCode.RELOAD_FAILED
+    assert "stalled with the old workers paused" in result.message
+    assert result.seconds < 0.6 + PAUSE_STALL + 1, "old workers paused far too long"
+    assert host.paused is False and ("standby", "p") in sent(host)
+    assert_old_serves(host)
+
+
+def test_old_master_gone_mid_swap_still_ends_with_the_new_one():
+    host = FakeHost(drain_seconds=0.0)
+    result, _ = run(host)
+    assert result.ok
+    assert_new_serves(host)
+
+
+def test_drain_past_its_budget_succeeds_with_a_warning():
+    host = FakeHost(drain_seconds=50.0)
+    result, _ = run(host, drain=1.0)
+    assert result.ok
+    assert any("still draining after --drain 1s" in w for w in result.warnings)
+    assert_new_serves(host)
+
+
+def test_a_committed_hook_that_could_not_write_q_is_finished_by_the_cli():
+    host = FakeHost(plan=GOOD_PLAN[:4])  # COMMITTED, then the hook's "q" failed
+    host.q_fails = True
+    result, _ = run(host)
+    assert result.ok, result.message
+    assert sent(host)[-1] == ("standby", "q")
+    assert_new_serves(host)
+
+
+def test_a_hook_that_aborts_itself_is_rolled_back_with_its_reason():
+    host = FakeHost(plan=[(0.5, State.STARTED)])
+    host.at(0.6, lambda: setattr(host, "record", host.record.to(
+        State.ABORTED, error="systemd did not confirm MAINPID=200")))
+    result, _ = run(host)
+    assert result.exit_code == ExitCode.RELOAD_FAILED
+    assert "systemd did not confirm MAINPID=200" in result.message
+    assert_old_serves(host)
+
+
+PRE_COMMIT = [Phase.PREFLIGHT, Phase.FORKING, Phase.LOADING]
+POST_COMMIT = [Phase.RETIRING, Phase.VERIFYING]
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("phase", PRE_COMMIT + POST_COMMIT)
+def test_interrupt_at_every_phase(phase: Phase, signame: str):
+    host = FakeHost(drain_seconds=1.0)
+    result, _ = run(host, interrupt_at=phase, signame=signame)
+    assert result.interrupted == signame
+    if phase in PRE_COMMIT:
+        assert result.exit_code == ExitCode.RELOAD_FAILED
+        assert f"interrupted by {signame}" in result.message
+        assert_old_serves(host)
+        assert not host.paused
+    else:
+        assert result.ok, result.message
+        assert_new_serves(host)
+    assert not [e for e in after_quit(host) if e[0] in ("send", "kill")]
+
+
+def test_interrupt_while_the_old_workers_are_paused_resumes_them():
+    host = FakeHost(plan=GOOD_PLAN[:3])  # paused at 0.53 s; the commit never comes
+    result, _ = run(host, interrupt_at=0.8)
+    assert result.exit_code == ExitCode.RELOAD_FAILED and "interrupted" in result.message
+    assert host.paused is False
+    assert_old_serves(host)
+
+
+def test_interrupt_racing_the_commit_rolls_forward():
+    """The signal lands; before the machine takes the record lock, the hook commits."""
+    host = FakeHost()
+    real_abort = host.abort
+
+    def abort_after_commit(master, error):
+        while host.record.state is not State.DONE:  # the hook wins the lock first
+            host.sleep(0.01)
+        return real_abort(master, error)
+
+    host.abort = abort_after_commit
+    result, _ = run(host, interrupt_at=0.54)
+    assert result.ok, result.message
+    assert any("already committed" in w for w in result.warnings)
+    assert_new_serves(host)
+
+
+def test_interrupt_during_the_rollback_does_not_stop_it():
+    host = FakeHost(plan=[])
+    host.at(0.3, lambda: host.kill_generations([NEW]))
+    result, _ = run(host, interrupt_at=Phase.ROLLING_BACK)
+    assert result.exit_code == ExitCode.RELOAD_FAILED and result.rolled_back
+    assert_old_serves(host)
+
+
+def test_preflight_repairs_what_a_killed_reload_left():
+    host = FakeHost()
+    host._fork()  # a "1f" whose reload was SIGKILLed: 200 loading, 100 parked
+    host.timers.clear()  # ... and whose release hangs
+    host.record = Handover(master_pid=NEW, state=State.STARTED, retiring_pid=OLD)
+    host.at(0.0, lambda: None)
+    repaired: list[str] = []
+    machine = Reload(host, 30.0, 5.0, lambda p, _a, d: repaired.append(d))
+    result = machine.run()
+    assert any("rolled back master 200" in d for d in repaired), repaired
+    assert result.ok, result.message  # then the reload itself went through
+    assert host.serving() == host.new != NEW
+
+
+def test_preflight_refuses_while_the_old_master_still_drains():
+    host = FakeHost()
+    host.slot[300] = Slot.LIVE
+    host.alive_pids.add(300)
+    host.slot[OLD] = Slot.STANDBY
+    host.record = Handover(master_pid=300, state=State.DONE, retiring_pid=OLD)
+    host.masters = lambda: Masters(live=300, parked=OLD)
+    with pytest.raises(HotswapError) as refused:
+        Reload(host, 30.0, 5.0).run()
+    assert refused.value.code == ExitCode.BUSY and "still draining" in refused.value.message
+    assert sent(host) == []
+
+
+def test_no_master_is_not_running():
+    host = FakeHost()
+    host.alive_pids.clear()
+    with pytest.raises(HotswapError) as refused:
+        Reload(host, 30.0, 5.0).run()
+    assert refused.value.code == ExitCode.NOT_RUNNING
+
+
+def test_signal_numbers_are_named():
+    assert signal.Signals(signal.SIGTERM).name == "SIGTERM"
