@@ -115,7 +115,7 @@ class RealHost:
         for pid in masters:
             procs.kill_group(pid, signal.SIGKILL)
             procs.signal_quietly(pid, signal.SIGKILL)
-        procs.wait_until(lambda: not any(procs.alive(p) for p in masters), KILL_TIMEOUT)
+        procs.wait_gone(masters, KILL_TIMEOUT)
 
     def send(self, slot: Slot, commands: str) -> None:
         fifo.send(self._fifos[slot], commands)

@@ -84,9 +84,7 @@ def stop(cfg: Config, timeout: float) -> list[int]:
     """
     with reload_lock(cfg, "stop"):
         stopping, serving = begin_stop(cfg)
-        if not procs.wait_until(
-            lambda: not any(procs.alive(p) for p in serving), timeout, interval=0.05
-        ):
+        if not procs.wait_gone(serving, timeout):
             raise HotswapError(
                 f"master {', '.join(map(str, serving))} still draining after {timeout:g}s",
                 ExitCode.TIMEOUT,

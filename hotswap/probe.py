@@ -58,3 +58,9 @@ def healthz(socket_path: str | Path, timeout: float = 5.0) -> dict | None:
         return answer.json() if answer.status == 200 else None
     except (OSError, ValueError):
         return None
+
+
+def from_master(health: dict | None, master: int | None) -> dict | None:
+    """`health` if it is an answer from a worker of `master` (the one test of "does /healthz
+    answer from master X" that the reload, its rollback and the tests share)."""
+    return health if health and master and health.get("master_pid") == master else None

@@ -88,6 +88,11 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def wait_gone(pids: list[int], timeout: float) -> bool:
+    """True once none of `pids` is alive (zombies count as gone), False at the deadline."""
+    return bool(wait_until(lambda: not any(alive(p) for p in pids), timeout, interval=0.05))
+
+
 def signal_quietly(pid: int, sig: int) -> bool:
     try:
         os.kill(pid, sig)

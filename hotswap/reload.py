@@ -22,9 +22,10 @@ ROLLING_BACK  abort the hand-over (under the record lock, so it cannot commit me
 
 The one rule: before the commit point, any failure, timeout or interrupt (SIGINT, SIGTERM)
 rolls back; from the commit point on, nothing does: the swap finishes (its waits are bounded
-by --drain and VERIFY_TIMEOUT), then reports the interrupt as a warning. Whether an interrupt may roll back is read
-from the hand-over record, never from a flag switched around calls. Signal handlers only
-call interrupt(); each phase returns the next one; end() is the only way out.
+by --drain and VERIFY_TIMEOUT), then reports the interrupt as a warning. Whether an
+interrupt may roll back is read from the hand-over record, never from a flag switched around
+calls. Signal handlers only call interrupt(); each phase returns the next one; end() is the
+only way out.
 
 Everything outside goes through a Host (host.py): tests/test_machine.py drives every
 transition with a fake one.
@@ -39,7 +40,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 
-from . import files, uwsgilog
+from . import files, probe, uwsgilog
 from .config import Config
 from .errors import ExitCode, HotswapError
 from .host import Host, RealHost, Slot
@@ -332,11 +333,8 @@ class Reload:
                                      f"{result.new_master})")
 
     def _answers_from(self, master: int | None) -> dict | None:
-        def answers():
-            health = self.host.healthz(2.0)
-            return health if health and health.get("master_pid") == master else None
-
-        return wait(self.host, answers, VERIFY_TIMEOUT, interval=0.1)
+        return wait(self.host, lambda: probe.from_master(self.host.healthz(2.0), master),
+                    VERIFY_TIMEOUT, interval=0.1)
 
     def _all_workers_accepting(self) -> str | None:
         """'n/n' once the stats socket (re-bound by the newest master) shows every worker of

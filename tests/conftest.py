@@ -143,7 +143,7 @@ class Service:
             master = procs.read_pidfile(self.pidfile)
             handover = self.run_dir / "handover.json"
             health = probe.healthz(self.socket, timeout=2.0) if handover.exists() else None
-            return health if health and health["master_pid"] == master else None
+            return probe.from_master(health, master)
 
         health = procs.wait_until(ready, timeout, interval=0.05)
         assert health, f"service did not become ready; log:\n{self.log_tail()}"

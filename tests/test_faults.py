@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 
 import pytest
 from conftest import Lines, Service, SlowRequest, sample_paths
@@ -178,13 +179,14 @@ def test_ctrl_c_to_start_during_a_reload_stops_cleanly(service: Service):
         os.killpg(service.supervisor.pid, signal.SIGINT)
         service.let_import_finish()
         code, out, err = reload.finish()
+        settled = time.time()
         assert service.supervisor.wait(timeout=120) == 0
     stderr = service.supervisor.stderr.read()
     assert "stopping once the reload in progress" in stderr and "stopped" in stderr, stderr
     assert code in (0, 1), out + err
     assert not procs.alive(new) and not procs.alive(before["master_pid"])
     assert service.all_pids() == []
-    outcomes = summarize(load.records)["outcomes"]
-    # in-flight requests finished; after the stop, connections are refused (or the socket
-    # is gone): that is a stop, not a lost request
-    assert set(outcomes) <= {"ok", "refused", "no_socket"}, outcomes
+    # Everything was served while the reload ran (the stop waited for it); the stop itself
+    # then refuses new connections and resets those still queued (its poll turn is 0.5 s).
+    early = [r for r in load.records if r.outcome != "ok" and r.started < settled - 1.0]
+    assert not early, summarize(early)

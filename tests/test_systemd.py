@@ -268,6 +268,68 @@ def test_broken_release_keeps_the_old_master(systemd: NamespaceSystemd, deployme
     assert_no_failures(records, "broken then fixed release under load")
 
 
+# A release whose import blocks on a FIFO until the test opens it (or forever): the app
+# folder is read-only to the service, so unlike the conftest one it records nothing.
+GATED_PREAMBLE = """\
+import os as _os
+with open(_os.path.join(_os.path.dirname(_os.path.abspath(__file__)), "release.go")) as _g:
+    _g.read()
+"""
+
+
+def _replace(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".new")
+    tmp.write_text(text)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def test_reload_killed_by_its_timeout_leaves_the_unit_serving(
+        systemd: NamespaceSystemd, deployment: Deployment):
+    """ExecReload= overruns TimeoutStartSec=: systemd kills `hotswap reload` mid-load. The
+    unit stays active on the old master, and the next `systemctl reload` repairs what the
+    killed one left (a master loading, the old one parked) and swaps."""
+    before = assert_serving(systemd)
+    old_main = int(systemd.show(UNIT, "MainPID")["MainPID"])
+    app = deployment.prefix / "app"
+    good_source = (app / "srv.py").read_text()
+    gate = app / "release.go"
+    dropin = deployment.unit_dir / f"{UNIT}.d" / "short-timeout.conf"
+    load = LoadGenerator(socket_path(systemd), connections=CONNECTIONS, max_seconds=180)
+    load.start()
+    try:
+        wait_for(lambda: len(load.records) >= 4 * CONNECTIONS, 30, "load to start")
+        dropin.write_text("[Service]\nTimeoutStartSec=5\n")
+        systemd.systemctl("daemon-reload")
+        os.mkfifo(gate, 0o644)
+        _replace(app / "srv.py", GATED_PREAMBLE + good_source.replace(
+            "from __future__ import annotations\n", ""))
+        result, seconds, _ = timed_reload(systemd)
+        assert result.returncode != 0, "the hung reload did not time out"
+        journal = systemd.journal(UNIT, lines=80)
+        assert "timed out" in journal.lower(), journal
+        after = assert_serving(systemd, generation=before["resource_version"])
+        assert after["master_pid"] == old_main == int(systemd.show(UNIT, "MainPID")["MainPID"])
+
+        dropin.unlink()
+        systemd.systemctl("daemon-reload")
+        _replace(app / "srv.py", good_source)
+        gate.unlink()  # the hung master stays blocked: the next reload must clear it
+        deployment.release("v7")
+        result, _, _ = timed_reload(systemd)
+        assert result.returncode == 0, result.stderr + diagnostics(systemd)
+        fixed = assert_serving(systemd, generation="v7")
+        assert fixed["master_pid"] != old_main
+        assert "repaired" in systemd.journal(UNIT, lines=80)
+    finally:
+        records = load.stop()
+        dropin.unlink(missing_ok=True)
+        gate.unlink(missing_ok=True)
+        _replace(app / "srv.py", good_source)
+    assert_no_failures(records, "a reload killed by systemd, then a good one")
+    print(f"\nreload killed by TimeoutStartSec=5 after {seconds:.1f} s; the next one repaired")
+
+
 def _busy_workers(sd: NamespaceSystemd) -> int:
     document = stats.read(Path(sd.host_path(f"{RUN_DIR}/stats.sock")))
     return sum(1 for w in stats.workers(document or {}) if w["status"] == "busy")
