@@ -174,7 +174,8 @@ def _pause(cfg: config.Config, current: Handover) -> Handover:
         now = record.read(cfg.run_dir)
         if now is None or now.master_pid != current.master_pid or now.state is not State.NOTIFIED:
             return now or current.to(State.ABORTED, error="record lost")
-        pausing = now.to(State.PAUSING, log_offset=uwsgilog.size(cfg.log_file))
+        pausing = now.to(State.PAUSING, log_offset=uwsgilog.size(cfg.log_file),
+                         paused_at=time.time())
         record.write(cfg.run_dir, pausing)
         try:
             fifo.send(cfg.fifo_standby, "p")
@@ -230,7 +231,8 @@ def _commit(cfg: config.Config, current: Handover, paused: str | None) -> Handov
             return now or current.to(State.ABORTED, error="record lost")
         if not procs.alive(now.master_pid):
             return now  # our master died: the rollback is the CLI's to do
-        committed = now.to(State.COMMITTED, paused=paused)
+        window = round(time.time() - now.paused_at, 4) if now.paused_at else None
+        committed = now.to(State.COMMITTED, paused=paused, pause_seconds=window)
         record.write(cfg.run_dir, committed)
         if committed.retiring_pid is None:
             # A fresh start: nobody to retire; a standby FIFO here is a crash's leftover.

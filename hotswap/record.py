@@ -68,6 +68,10 @@ class Handover:
     notified_systemd: bool = False
     paused: str | None = None  # "n/m" old workers seen suspended before "q"
     log_offset: int = 0  # the uWSGI log's size just before "p": its answer comes after
+    # From "p" to the commit: nobody accepts (old workers parked, new ones at the gate), and
+    # new connections wait in the listen backlog. The cost of the gate, per swap.
+    paused_at: float | None = None
+    pause_seconds: float | None = None
     error: str | None = None  # what went wrong on the way (reported, never fatal)
     at: float = 0.0  # wall clock of the last write
 

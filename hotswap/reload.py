@@ -98,8 +98,8 @@ class Failure:
     code: ExitCode
 
 
-class Reload:
-    """One swap. `run()` returns a ReloadResult; `on_phase` hears each step as it happens."""
+class Swap:
+    """A swap's bookkeeping: deadline, timeline, interrupts, and the one way out (end)."""
 
     def __init__(self, host: Host, timeout: float, drain_timeout: float,
                  on_phase: Callable[[Phase, float, str], None] = lambda *_: None) -> None:
@@ -157,15 +157,11 @@ class Reload:
         self.failure = Failure(cause, code)
         return Phase.ROLLING_BACK
 
-    # -- the machine -------------------------------------------------------------------
-    def run(self) -> ReloadResult:
-        steps = {Phase.PREFLIGHT: self.preflight, Phase.FORKING: self.fork,
-                 Phase.LOADING: self.wait_committed, Phase.ROLLING_BACK: self.roll_back,
-                 Phase.RETIRING: self.retire, Phase.VERIFYING: self.verify}
-        phase = Phase.PREFLIGHT
-        while phase not in (Phase.DONE, Phase.FAILED):
-            phase = steps[phase]()
-        return self.result
+    # -- up to the commit point -------------------------------------------------------------
+
+
+class ToCommit(Swap):
+    """The phases before the commit point, and the rollback that may end them."""
 
     def preflight(self) -> Phase:
         host, result = self.host, self.result
@@ -247,7 +243,8 @@ class Reload:
         self.enter(Phase.RETIRING,
                    f"hand-over committed: generation {committed.generation} (master "
                    f"{committed.master_pid}) serves; old master {self.result.old_master} "
-                   f"told to quit (workers paused {committed.paused})")
+                   f"told to quit (workers paused {committed.paused}; nobody accepted for "
+                   f"{_ms(committed.pause_seconds)})")
         return Phase.RETIRING
 
     def roll_back(self) -> Phase:
@@ -267,6 +264,21 @@ class Reload:
                             "does not answer /healthz either: see `hotswap status`")
         return self.end(failure.code, message, rolled_back=True)
 
+
+
+class Reload(ToCommit):
+    """One swap. `run()` returns a ReloadResult; `on_phase` hears each step as it happens."""
+
+    def run(self) -> ReloadResult:
+        steps = {Phase.PREFLIGHT: self.preflight, Phase.FORKING: self.fork,
+                 Phase.LOADING: self.wait_committed, Phase.ROLLING_BACK: self.roll_back,
+                 Phase.RETIRING: self.retire, Phase.VERIFYING: self.verify}
+        phase = Phase.PREFLIGHT
+        while phase not in (Phase.DONE, Phase.FAILED):
+            phase = steps[phase]()
+        return self.result
+
+    # -- from the commit point on -----------------------------------------------------------
     def retire(self) -> Phase:
         host, result, committed = self.host, self.result, self.committed
         assert committed is not None
@@ -375,6 +387,10 @@ class HandoverWatch:
         if mine.may_have_paused and self.host.now() - self._since > PAUSE_STALL:
             return "stalled"
         return None
+
+
+def _ms(seconds: float | None) -> str:
+    return "?" if seconds is None else f"{seconds * 1000:.0f} ms"
 
 
 def write_last_reload(cfg: Config, result: ReloadResult) -> None:
