@@ -157,8 +157,6 @@ class Swap:
         self.failure = Failure(cause, code)
         return Phase.ROLLING_BACK
 
-    # -- up to the commit point -------------------------------------------------------------
-
 
 class ToCommit(Swap):
     """The phases before the commit point, and the rollback that may end them."""

@@ -80,18 +80,19 @@ def test_signal_to_reload_at_each_phase(service: Service, phase: str, signum: in
     no_failures(load)
 
 
-def test_log_directory_full(service: Service, tmp_path_factory):
-    """uWSGI cannot log, the hook cannot print: the swap goes through, nothing is lost."""
+def test_log_directory_full(service: Service):
+    """uWSGI cannot log, the hook cannot print: the instance starts and serves, the swap goes
+    through, nothing is lost."""
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root")
     log_dir = service.root / "log"
     log_dir.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(log_dir)], check=True)
     try:
-        before = service.start()
         filler = log_dir / "filler"
         subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=64k"], capture_output=True)
         assert os.statvfs(log_dir).f_bavail == 0, "the log filesystem is not full"
+        before = service.start()
         with LoadGenerator(str(service.socket), CONNECTIONS, sample_paths(service)) as load:
             service.release(version="v2")
             done = service.cli("reload")
