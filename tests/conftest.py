@@ -235,7 +235,15 @@ class SlowRequest:
         self.answer: probe.Answer | None = None
         self.thread = threading.Thread(target=self._run, args=(service, seconds))
         self.thread.start()
-        assert procs.wait_until(lambda: busy_workers(service), 10), "request never started"
+        # Busy on three polls in a row: a worker still finishing an earlier probe (start's
+        # /healthz) shows "busy" for a moment too, and would be mistaken for this request.
+        streak = [0]
+
+        def in_flight() -> bool:
+            streak[0] = streak[0] + 1 if busy_workers(service) else 0
+            return streak[0] >= 3
+
+        assert procs.wait_until(in_flight, 10), "request never started"
 
     def _run(self, service: Service, seconds: float) -> None:
         self.answer = probe.get(service.socket, f"/sleep?seconds={seconds}", timeout=30)
