@@ -102,7 +102,9 @@ def start(ctx: Context, exec_mode: bool | None) -> None:
 
 @main.command(name="reload", epilog=EXIT_CODES_HELP)
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=300.0, show_default=True,
-              help="Seconds for the whole swap, the new release's import included.")
+              help="Seconds for the new release to load and commit its hand-over (import "
+              "included); past it, the swap is rolled back. A hand-over already under way "
+              "gets 10 s more; --drain and a 10 s check come after the commit.")
 @click.option("--drain", "drain_timeout", type=click.FloatRange(min=0.0), default=90.0,
               show_default=True, help="Seconds to wait for the old generation's in-flight "
               "requests once the new one serves (past it, reload succeeds with a warning).")
@@ -115,7 +117,11 @@ def reload_cmd(ctx: Context, timeout: float, drain_timeout: float, as_json: bool
             click.echo(f"  [{at:7.2f}s] {phase.value:<12} {detail}")
 
     result = reload(ctx.cfg, timeout, drain_timeout, show)
-    write_last_reload(ctx.cfg, result)
+    try:
+        write_last_reload(ctx.cfg, result)
+    except OSError as exc:  # a full run dir must not hide the outcome behind exit 2
+        result.warnings.append(f"could not record the result in {ctx.cfg.last_reload_file}: "
+                               f"{exc.strerror or exc}")
     if result.rolled_back:
         # Under systemd (ExecReload), keep the unit's status line true: the old generation
         # still serves, and the swap failed. Only STATUS=: the main pid has not changed.

@@ -111,19 +111,3 @@ def remove_if_stale(path: Path) -> bool:
         return True
     except FileNotFoundError:
         return False
-
-
-def move_to_live(master: int, standby: Path, live: Path, timeout: float) -> bool:
-    """Send `master`, parked on `standby`, back to slot 0 (`live`).
-
-    The master switches slot on "0" and re-creates the live FIFO when we close our end;
-    wait until it holds the live FIFO, then remove the standby FIFO it left. True once the
-    master listens on `live` (also when it never left it).
-    """
-    try:
-        send(standby, "0")
-    except NoReader:
-        pass
-    listening = procs.wait_until(lambda: procs.holds_open(master, live), timeout)
-    remove_if_stale(standby)
-    return bool(listening)

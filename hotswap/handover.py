@@ -2,7 +2,8 @@
 
 srv.ini runs `python -m hotswap.handover ...` as `hook-accepting` through `safeexec:` (uWSGI
 ignores its exit code: a failing hook would destroy the new generation while the old one may
-already be retiring). Each worker's hook, in short:
+already be retiring). Its paths come as arguments (uWSGI expands them), so a hook costs one
+Python start and no `uwsgi --get`. Each worker's hook, in short:
 
 - gate: a worker of a generation that has not committed does not accept. So before the
   commit point only the old generation serves, and a rollback kills nothing that served.
@@ -11,11 +12,19 @@ already be retiring). Each worker's hook, in short:
   dies before the commit point, another worker's hook takes over where the record says.
 - a worker of an older generation (its master parked on the standby FIFO), or of a generation
   that has committed, passes at once; so do respawned workers later in a generation's life.
+- the others wait on the performer lock (in the kernel, no polling), and pass once they find
+  the record committed; if the performer died, the first of them to get the lock goes on
+  where the record says. If the generation was aborted, or its master died, a waiting hook
+  kills its own worker: a worker of a generation that did not commit never accepts.
+
+Known limit: a SIGUSR1 sent to a worker while it waits for its hook interrupts uWSGI's
+waitpid(), and that worker then accepts before the commit (uWSGI installs the handler without
+SA_RESTART). Nothing in the kit sends one there.
 
 The hand-over, each step recorded (record.py) before the act it names:
-1. STARTED; tell systemd (if any) the new master is the main pid and wait for its BARRIER
-   acknowledgement (systemd must know the new master before the old one exits) -> NOTIFIED.
-   The pidfile then names the new master.
+1. STARTED, NOTIFYING; tell systemd (if any) the new master is the main pid and wait for
+   its BARRIER acknowledgement (systemd must know the new master before the old one exits);
+   the pidfile then names the new master -> NOTIFIED.
 2. PAUSING / "p" to the old master / PAUSED, in one critical section: its workers stop
    accepting (see pause_workers for why), then wait until they are all parked.
 3. COMMITTED / "q" to the old master / RETIRE_SENT, in one critical section: the commit
@@ -33,17 +42,26 @@ import os
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from . import config, fifo, files, notify, procs, record, uwsgilog
+from . import fifo, files, notify, procs, record, uwsgilog
 from .record import Handover, State
 
 PAUSE_TIMEOUT = 2.0
-GATE_INTERVAL = 0.005
+ABORTED_POLL = 0.05
 RETRY_SECONDS = 1.0
 # The chain above the hook: python <- sh -c <- worker. A few levels, never further: an
 # orphaned hook must not mistake some other uWSGI ancestor for its worker.
 MAX_CLIMB = 3
+
+
+@dataclass(frozen=True)
+class Paths:
+    run_dir: Path
+    fifo_standby: Path
+    pidfile: Path
+    log_file: Path
 
 
 def log(message: str) -> None:
@@ -55,22 +73,25 @@ def log(message: str) -> None:
         pass
 
 
-def _is_uwsgi(pid: int) -> bool:
+def _exe(pid: int) -> str | None:
     try:
-        return os.path.basename(os.path.realpath(f"/proc/{pid}/exe")) == "uwsgi"
+        return os.path.realpath(f"/proc/{pid}/exe")
     except OSError:
-        return False
+        return None
 
 
 def find_worker() -> tuple[int, int] | None:
     """(worker, master): the uWSGI worker that runs this hook and its generation's master, or
-    None if that worker is gone (the hook was orphaned)."""
+    None if that worker is gone (the hook was orphaned). A worker runs the same binary as its
+    parent, the master (whatever its name: uwsgi, uwsgi-core, ...); the shell and Python
+    between it and us do not."""
     pid = os.getppid()
     for _ in range(MAX_CLIMB):
         info = procs.stat(pid)
         if info is None or pid <= 1:
             return None
-        if _is_uwsgi(pid):
+        exe = _exe(pid)
+        if exe and (exe == _exe(info.ppid) or os.path.basename(exe).startswith("uwsgi")):
             return pid, info.ppid
         pid = info.ppid
     return None
@@ -83,73 +104,93 @@ def parked_parent(master: int, fifo_standby: Path) -> int | None:
     return parent if parent and procs.holds_open(parent, fifo_standby) else None
 
 
-def gate(run_dir: Path, fifo_standby: Path, ini: str) -> str:
+def _mine(paths: Paths, master: int) -> Handover | None:
+    current = record.read(paths.run_dir)
+    return current if current and current.master_pid == master else None
+
+
+def gate(paths: Paths) -> str:
     """Return once this worker may accept (the outcome, for the log)."""
     found = find_worker()
     if found is None:
         return "no uWSGI worker above this hook"
     worker, master = found
-    performer_fd = record.open_lock(run_dir, record.PERFORMER_LOCK_NAME)
+    performer_fd = record.open_lock(paths.run_dir, record.PERFORMER_LOCK_NAME)
     while procs.alive(master):
-        current = record.read(run_dir)
-        mine = current if current and current.master_pid == master else None
+        mine = _mine(paths, master)
         if mine and mine.committed:
             return "committed"
-        if mine is None and procs.holds_open(master, fifo_standby):
+        if mine is None and procs.holds_open(master, paths.fifo_standby):
             return "older generation"  # a respawned worker of a retiring master
-        if not (mine and mine.state is State.ABORTED) and record.try_flock(performer_fd):
-            # Nobody performs this hand-over (not yet, or its performer died): we do.
-            try:
-                outcome = perform(config.load(ini), master, mine)
-            except Exception as exc:  # noqa: BLE001 - keep gating; a rollback or a retry follows
-                log(f"hand-over of master {master} failed: {type(exc).__name__}: {exc}")
-                fcntl.flock(performer_fd, fcntl.LOCK_UN)
-                time.sleep(RETRY_SECONDS)  # back off before another worker's hook retries
+        if mine and mine.state is State.ABORTED:
+            time.sleep(ABORTED_POLL)  # the rollback kills this generation; until then, wait
+            continue
+        fcntl.flock(performer_fd, fcntl.LOCK_EX)  # blocks while another hook performs
+        try:
+            mine = _mine(paths, master)  # what the previous holder left, if anything
+            if mine and (mine.committed or mine.state is State.ABORTED):
                 continue
-            log(outcome)
-            continue  # committed: the next turn returns; aborted: wait for the kill
-        time.sleep(GATE_INTERVAL)
+            log(perform(paths, master, mine))
+        except Exception as exc:  # noqa: BLE001 - keep gating; a rollback or a retry follows
+            log(f"hand-over of master {master} failed: {type(exc).__name__}: {exc}")
+            time.sleep(RETRY_SECONDS)  # back off before another worker's hook retries
+        finally:
+            fcntl.flock(performer_fd, fcntl.LOCK_UN)
     # The generation died (or was aborted and killed) before it committed: its worker must
     # never accept, not even for the moment before it notices its master is gone.
     procs.signal_quietly(worker, signal.SIGKILL)
     return f"master {master} is gone: killed worker {worker}"
 
 
-def perform(cfg: config.Config, master: int, existing: Handover | None) -> str:
-    run_dir = cfg.run_dir
+def perform(paths: Paths, master: int, existing: Handover | None) -> str:
     if existing is None:
-        current = Handover(
-            master_pid=master, state=State.STARTED,
-            retiring_pid=parked_parent(master, cfg.fifo_standby),
-            generation=os.environ.get("HOTSWAP_GENERATION", "unknown"),
-            performer_pid=os.getpid(), at=time.time(),
-        )
-        record.write(run_dir, current)
+        with record.locked(paths.run_dir):
+            if _mine(paths, master):
+                return "the record changed under us (a rollback?)"
+            current = Handover(
+                master_pid=master, state=State.STARTED,
+                retiring_pid=parked_parent(master, paths.fifo_standby),
+                generation=os.environ.get("HOTSWAP_GENERATION", "unknown"),
+                performer_pid=os.getpid(), at=time.time(),
+            )
+            record.write(paths.run_dir, current)
     else:  # taking over from a performer that died
-        current = record.transition(run_dir, master, existing.state, [existing.state],
-                                    performer_pid=os.getpid())
-        if current is None:
-            return "record changed under the take-over"
+        taken = record.transition(paths.run_dir, master, existing.state, [existing.state],
+                                  performer_pid=os.getpid())
+        if taken is None:
+            return "the record changed under the take-over"
+        current = taken
         log(f"took over the hand-over of master {master} at {current.state.value}")
-    steps = [(State.STARTED, _notify), (State.NOTIFIED, _pause),
+    steps = [(State.STARTED, _notify), (State.NOTIFYING, _notify), (State.NOTIFIED, _pause),
              (State.PAUSING, _wait_paused), (State.PAUSED, _wait_paused),
              (State.COMMITTED, _retire), (State.RETIRE_SENT, _finish)]
     for state, step in steps:
         if current.state is state:
-            current = step(cfg, current)
-        if current.state is State.ABORTED:
-            return f"aborted at {state.value}: {current.error or 'rolled back'}"
+            current = step(paths, current)
+        if current.state is State.ABORTED or current.master_pid != master:
+            return f"stopped at {state.value}: {current.error or 'rolled back'}"
     return (f"master {master} serving generation {current.generation}; retiring "
             f"{current.retiring_pid or 'nobody'} ({current.state.value}, paused {current.paused})")
 
 
-def _advance(cfg: config.Config, current: Handover, to: State, **changes) -> Handover:
+def _advance(paths: Paths, current: Handover, to: State, **changes) -> Handover:
     """CAS to `to`; on a lost race, the record as the winner left it (ABORTED)."""
-    new = record.transition(cfg.run_dir, current.master_pid, to, [current.state], **changes)
-    return new or record.read(cfg.run_dir) or current.to(State.ABORTED, error="record lost")
+    new = record.transition(paths.run_dir, current.master_pid, to, [current.state], **changes)
+    if new is not None:
+        return new
+    now = record.read(paths.run_dir)
+    if now is not None and now.master_pid == current.master_pid:
+        return now
+    return current.to(State.ABORTED, error="the record now names another master")
 
 
-def _notify(cfg: config.Config, current: Handover) -> Handover:
+def _notify(paths: Paths, current: Handover) -> Handover:
+    """NOTIFYING is recorded before systemd hears anything: a rollback then knows it must
+    tell systemd the old master is the main pid again."""
+    if current.state is State.STARTED:
+        current = _advance(paths, current, State.NOTIFYING)
+        if current.state is not State.NOTIFYING:
+            return current
     master = current.master_pid
     try:
         notified = notify.notify(
@@ -160,36 +201,37 @@ def _notify(cfg: config.Config, current: Handover) -> Handover:
     except OSError as exc:  # includes the barrier's TimeoutError
         # Retiring the old master now would make systemd see its main process exit and stop
         # the whole unit: the swap stops here, before the commit point.
-        return _advance(cfg, current, State.ABORTED, notified_systemd=True,
+        return _advance(paths, current, State.ABORTED, aborted_from=State.NOTIFYING,
                         error=f"systemd did not confirm MAINPID={master}: {exc}")
-    files.atomic_write(cfg.pidfile, f"{master}\n")
-    return _advance(cfg, current, State.NOTIFIED, notified_systemd=notified)
+    files.atomic_write(paths.pidfile, f"{master}\n")
+    return _advance(paths, current, State.NOTIFIED, notified_systemd=notified)
 
 
-def _pause(cfg: config.Config, current: Handover) -> Handover:
+def _pause(paths: Paths, current: Handover) -> Handover:
     """PAUSING, "p", PAUSED in one critical section (nothing to pause at a fresh start)."""
     if current.retiring_pid is None:
-        return _advance(cfg, current, State.PAUSED, paused="0/0")
-    with record.locked(cfg.run_dir):
-        now = record.read(cfg.run_dir)
+        return _advance(paths, current, State.PAUSED, paused="0/0")
+    with record.locked(paths.run_dir):
+        now = record.read(paths.run_dir)
         if now is None or now.master_pid != current.master_pid or now.state is not State.NOTIFIED:
             return now or current.to(State.ABORTED, error="record lost")
-        pausing = now.to(State.PAUSING, log_offset=uwsgilog.size(cfg.log_file),
+        pausing = now.to(State.PAUSING, log_offset=uwsgilog.size(paths.log_file),
                          paused_at=time.time())
-        record.write(cfg.run_dir, pausing)
+        record.write(paths.run_dir, pausing)
         try:
-            fifo.send(cfg.fifo_standby, "p")
+            fifo.send(paths.fifo_standby, "p")
         except fifo.NoReader:
             if procs.alive(now.retiring_pid):
+                record.write(paths.run_dir, now)  # "p" was not sent: back to NOTIFIED
                 raise
             # The old master is gone: nothing to pause, nothing to retire.
             pausing = dataclasses.replace(pausing, retiring_pid=None)
         paused = pausing.to(State.PAUSED)
-        record.write(cfg.run_dir, paused)
+        record.write(paths.run_dir, paused)
     return paused
 
 
-def pause_workers_wait(cfg: config.Config, retiring: int, offset: int) -> str:
+def pause_workers_wait(paths: Paths, retiring: int, offset: int) -> str:
     """Wait until every worker of the retiring generation is parked; "n/m" parked.
 
     uWSGI's graceful quit sends SIGHUP to every worker, and a worker that is not inside a
@@ -204,7 +246,7 @@ def pause_workers_wait(cfg: config.Config, retiring: int, offset: int) -> str:
     seen = [0]
 
     def all_suspended() -> bool:
-        seen[0] = len(uwsgilog.suspended_workers(uwsgilog.read_since(cfg.log_file, offset)))
+        seen[0] = len(uwsgilog.suspended_workers(uwsgilog.read_since(paths.log_file, offset)))
         if seen[0] >= len(workers):
             return True
         for pid in workers:
@@ -215,62 +257,62 @@ def pause_workers_wait(cfg: config.Config, retiring: int, offset: int) -> str:
     return f"{len(workers) if done else seen[0]}/{len(workers)}"
 
 
-def _wait_paused(cfg: config.Config, current: Handover) -> Handover:
+def _wait_paused(paths: Paths, current: Handover) -> Handover:
     if current.retiring_pid is not None:
-        paused = pause_workers_wait(cfg, current.retiring_pid, current.log_offset)
+        paused = pause_workers_wait(paths, current.retiring_pid, current.log_offset)
     else:
         paused = current.paused
-    return _commit(cfg, current, paused)
+    return _commit(paths, current, paused)
 
 
-def _commit(cfg: config.Config, current: Handover, paused: str | None) -> Handover:
+def _commit(paths: Paths, current: Handover, paused: str | None) -> Handover:
     """The commit point: COMMITTED, "q", RETIRE_SENT, in one critical section."""
-    with record.locked(cfg.run_dir):
-        now = record.read(cfg.run_dir)
-        if now is None or now.master_pid != current.master_pid or not now.may_have_paused:
+    with record.locked(paths.run_dir):
+        now = record.read(paths.run_dir)
+        if now is None or now.master_pid != current.master_pid or \
+                now.state not in record.PAUSE_STATES:
             return now or current.to(State.ABORTED, error="record lost")
         if not procs.alive(now.master_pid):
             return now  # our master died: the rollback is the CLI's to do
         window = round(time.time() - now.paused_at, 4) if now.paused_at else None
         committed = now.to(State.COMMITTED, paused=paused, pause_seconds=window)
-        record.write(cfg.run_dir, committed)
+        record.write(paths.run_dir, committed)
         if committed.retiring_pid is None:
             # A fresh start: nobody to retire; a standby FIFO here is a crash's leftover.
-            fifo.remove_if_stale(cfg.fifo_standby)
+            fifo.remove_if_stale(paths.fifo_standby)
             sent = committed.to(State.RETIRE_SENT)
         else:
             try:
-                fifo.send(cfg.fifo_standby, "q")
+                fifo.send(paths.fifo_standby, "q")
                 sent = committed.to(State.RETIRE_SENT)
             except OSError as exc:  # `hotswap reload` retries "q", and reports it
                 log(f"could not tell old master {committed.retiring_pid} to quit: {exc}")
                 return committed
-        record.write(cfg.run_dir, sent)
+        record.write(paths.run_dir, sent)
     return sent
 
 
-def _retire(cfg: config.Config, current: Handover) -> Handover:
-    """Committed, "q" not delivered (a take-over, or a failed write): roll forward."""
+def _retire(paths: Paths, current: Handover) -> Handover:
+    """Committed, but our "q" failed: one more try (the CLI, or `recover`, tries too)."""
     try:
-        fifo.send(cfg.fifo_standby, "q")
+        fifo.send(paths.fifo_standby, "q")
     except OSError as exc:
         log(f"could not tell old master {current.retiring_pid} to quit: {exc}")
         return current
-    return _advance(cfg, current, State.RETIRE_SENT)
+    return _advance(paths, current, State.RETIRE_SENT)
 
 
-def _finish(cfg: config.Config, current: Handover) -> Handover:
-    return _advance(cfg, current, State.DONE)
+def _finish(paths: Paths, current: Handover) -> Handover:
+    return _advance(paths, current, State.DONE)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hotswap.handover")
-    parser.add_argument("--ini", required=True)
-    parser.add_argument("--run-dir", required=True, type=Path)
-    parser.add_argument("--fifo-standby", required=True, type=Path)
+    for name in ("--run-dir", "--fifo-standby", "--pidfile", "--log-file"):
+        parser.add_argument(name, required=True, type=Path)
     args = parser.parse_args(argv)
     try:
-        outcome = gate(args.run_dir, args.fifo_standby, args.ini)
+        outcome = gate(Paths(args.run_dir, args.fifo_standby, args.pidfile, args.log_file))
     except Exception as exc:  # noqa: BLE001 - never fail the hook, see the module docstring
         log(f"{type(exc).__name__}: {exc}")
         return 0

@@ -18,6 +18,7 @@ pidfile can be stale, and its pid reused by another process, even another uWSGI.
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import time
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from typing import Protocol
 
 from . import fifo, files, notify, probe, procs, record, stats, uwsgilog
 from .config import Config
+from .errors import ExitCode, HotswapError
 from .record import Handover, State
 
 KILL_TIMEOUT = 10.0
@@ -62,7 +64,10 @@ class Host(Protocol):
     def holds(self, master: int, slot: Slot) -> bool: ...
     def remove_stale(self, slot: Slot) -> bool: ...
     def handover(self) -> Handover | None: ...
-    def abort(self, master: int, error: str) -> tuple[Handover | None, Handover | None]: ...
+    def abort(self, master: int, error: str) -> Handover: ...
+    def freeze(self, master: int) -> None: ...
+    def resume(self, master: int) -> bool: ...
+    def record_serving(self, master: int) -> None: ...
     def log_mark(self) -> int: ...
     def log_since(self, mark: int) -> bytes: ...
     def healthz(self, timeout: float) -> dict | None: ...
@@ -129,21 +134,57 @@ class RealHost:
     def handover(self) -> Handover | None:
         return record.read(self.cfg.run_dir)
 
-    def abort(self, master: int, error: str) -> tuple[Handover | None, Handover | None]:
-        """ABORTED, unless the hand-over committed first: (record before, record after)."""
+    def abort(self, master: int, error: str) -> Handover:
+        """ABORTED, unless the hand-over committed first: the record as it stands after."""
+        try:
+            return self._abort(master, error)
+        except TimeoutError:
+            # The lock's holder is stopped inside a transition (a SIGSTOPped hook): only the
+            # hook takes it, and killing it releases it.
+            current = record.read(self.cfg.run_dir)
+            if current and current.performer_pid:
+                procs.signal_quietly(current.performer_pid, signal.SIGKILL)
+            try:
+                return self._abort(master, error)
+            except TimeoutError as exc:
+                raise HotswapError(f"cannot roll back master {master}: {exc}",
+                                   ExitCode.INCONSISTENT) from None
+
+    def _abort(self, master: int, error: str) -> Handover:
         with record.locked(self.cfg.run_dir):
             before = record.read(self.cfg.run_dir)
             if before is None or before.master_pid != master:
                 # The hook never recorded anything: an abort record stops a late one.
-                before = None
                 after = Handover(master_pid=master, state=State.ABORTED, error=error,
                                  at=time.time())
             elif before.committed or before.state is State.ABORTED:
-                return before, before
+                return before
             else:
-                after = before.to(State.ABORTED, error=error)
+                after = before.to(State.ABORTED, error=error, aborted_from=before.state)
             record.write(self.cfg.run_dir, after)
-            return before, after
+            return after
+
+    def freeze(self, master: int) -> None:
+        procs.kill_group(master, signal.SIGSTOP)
+
+    def resume(self, master: int) -> bool:
+        """"p" to the parked old master ("p" toggles: its paused workers resume), recorded in
+        the same critical section so that no later rollback toggles them again."""
+        with record.locked(self.cfg.run_dir):
+            current = record.read(self.cfg.run_dir)
+            try:
+                fifo.send(self.cfg.fifo_standby, "p")
+            except fifo.NoReader:
+                return False
+            if current and current.master_pid == master:
+                record.write(self.cfg.run_dir, dataclasses.replace(current, resumed=True))
+            return True
+
+    def record_serving(self, master: int) -> None:
+        """After a complete rollback: the record names the master that serves (its respawned
+        workers pass the hook's gate at once)."""
+        record.write(self.cfg.run_dir, Handover(master_pid=master, state=State.DONE,
+                                                at=time.time()))
 
     def log_mark(self) -> int:
         return uwsgilog.size(self.cfg.log_file)

@@ -5,16 +5,20 @@ supervisor read it. Each state is written *before* the act it names, then confir
 next one, so a crash between two steps leaves a record that says exactly what may have
 happened:
 
-    STARTED -> NOTIFIED -> PAUSING -> PAUSED -> COMMITTED -> RETIRE_SENT -> DONE
-        \\________________________\\______________\\-> ABORTED (by a rollback, under the lock)
+    STARTED -> NOTIFYING -> NOTIFIED -> PAUSING -> PAUSED -> COMMITTED -> RETIRE_SENT -> DONE
+        \\____________\\___________\\___________\\_________\\-> ABORTED (a rollback, under the lock)
 
-NOTIFIED   systemd (if any) was told MAINPID=<new master>; a rollback must tell it back.
+NOTIFYING  systemd (if any) is about to be told MAINPID=<new master>; a rollback must freeze
+           the new generation, tell systemd the old master is the main pid, then kill.
+NOTIFIED   systemd (if any) was told.
 PAUSING    "p" is about to be written to the old master; it may or may not have arrived.
 PAUSED     "p" arrived: the old workers stop accepting; a rollback must resume them ("p"
            toggles).
 COMMITTED  the commit point: "q" is about to be written to the old master. From here on
            nothing rolls back; whoever finds a COMMITTED record finishes the swap.
 ABORTED    a rollback won the race: the hook must not commit, the generation will be killed.
+           It keeps the state it was aborted from, and whether the old workers were resumed,
+           so a rollback interrupted halfway is finished by the next one.
 
 COMMITTED and ABORTED are decided by `transition()`, under an flock: the hook's commit and a
 rollback's abort can never both win.
@@ -44,6 +48,7 @@ LOCK_TIMEOUT = 2.0
 
 class State(str, Enum):
     STARTED = "started"
+    NOTIFYING = "notifying"
     NOTIFIED = "notified"
     PAUSING = "pausing"
     PAUSED = "paused"
@@ -72,6 +77,24 @@ class Handover:
     # new connections wait in the listen backlog. The cost of the gate, per swap.
     paused_at: float | None = None
     pause_seconds: float | None = None
+    aborted_from: State | None = None
+    resumed: bool = False  # a rollback gave the paused old workers their "p" back
+
+    @property
+    def needs_resume(self) -> bool:
+        """Were the old workers possibly paused, and not yet resumed by a rollback?"""
+        state = self.aborted_from if self.state is State.ABORTED else self.state
+        return state in PAUSE_STATES and not self.resumed
+
+    @property
+    def pause_certain(self) -> bool:
+        """PAUSED: "p" surely arrived (PAUSING: the hook died in between; maybe not)."""
+        return (self.aborted_from if self.state is State.ABORTED else self.state) is State.PAUSED
+
+    @property
+    def may_have_notified(self) -> bool:
+        return self.notified_systemd or self.state is State.NOTIFYING or (
+            self.state is State.ABORTED and self.aborted_from is State.NOTIFYING)
     error: str | None = None  # what went wrong on the way (reported, never fatal)
     at: float = 0.0  # wall clock of the last write
 
@@ -79,21 +102,20 @@ class Handover:
     def committed(self) -> bool:
         return self.state in COMMITTED_STATES
 
-    @property
-    def may_have_paused(self) -> bool:
-        return self.state in PAUSE_STATES
-
     def to(self, state: State, **changes: object) -> Handover:
         return dataclasses.replace(self, state=state, at=time.time(), **changes)
 
     def to_json(self) -> dict:
-        return {**dataclasses.asdict(self), "state": self.state.value}
+        return {**dataclasses.asdict(self), "state": self.state.value,
+                "aborted_from": self.aborted_from.value if self.aborted_from else None}
 
     @classmethod
     def from_json(cls, data: dict) -> Handover:
         names = {f.name for f in dataclasses.fields(cls)}
         fields = {k: v for k, v in data.items() if k in names}
-        return cls(**{**fields, "state": State(fields["state"])})
+        aborted_from = fields.get("aborted_from")
+        return cls(**{**fields, "state": State(fields["state"]),
+                      "aborted_from": State(aborted_from) if aborted_from else None})
 
 
 def read(run_dir: Path) -> Handover | None:

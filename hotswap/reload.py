@@ -45,7 +45,7 @@ from .config import Config
 from .errors import ExitCode, HotswapError
 from .host import Host, RealHost, Slot
 from .lock import reload_lock
-from .record import Handover, State
+from .record import PAUSE_STATES, Handover, State
 from .repair import abort_generation, finish_committed, repair, wait, wake
 
 SPAWN_TIMEOUT = 10.0  # uWSGI logs the re-forked master's pid right after fork()
@@ -196,11 +196,11 @@ class ToCommit(Swap):
             raise HotswapError(f"master {old} stopped reading its FIFO ({exc.strerror}); "
                                "see `hotswap status`", ExitCode.INCONSISTENT) from None
         self.enter(Phase.FORKING, 'sent "1f" to the live FIFO')
+        # Not cut short by an interrupt: a rollback must know which master to abort, or the
+        # old master could fork one after we "rolled back", with nobody watching it.
         budget = min(SPAWN_TIMEOUT, self.remaining())
-        new = self.poll(self._spawned_pid, budget)
+        new = self.poll(self._spawned_pid, budget, interruptible=False)
         if not new:
-            if self.interrupted:
-                return self.fail(f"interrupted by {self.interrupted}")
             return self.fail(f"master {old} did not fork a new master within {budget:.3g}s")
         self.result.new_master = new
         self.enter(Phase.LOADING, f"new master {new} is loading the release")
@@ -382,7 +382,7 @@ class HandoverWatch:
         key = (mine.state, mine.performer_pid)
         if key != self._last:
             self._last, self._since = key, self.host.now()
-        if mine.may_have_paused and self.host.now() - self._since > PAUSE_STALL:
+        if mine.state in PAUSE_STATES and self.host.now() - self._since > PAUSE_STALL:
             return "stalled"
         return None
 

@@ -39,24 +39,28 @@ class Rollback:
 
 def abort_generation(host: Host, new_master: int | None, old_master: int | None,
                      cause: str) -> Rollback:
-    """Roll back the generation `new_master` (None: whatever `old_master` re-forked)."""
+    """Roll back the generation `new_master` (None: whatever `old_master` re-forked). Safe to
+    repeat: an ABORTED record remembers what a rollback interrupted halfway still owes."""
     done = Rollback()
-    before = None
+    aborted = None
     if new_master is not None:
-        before, after = host.abort(new_master, cause)
-        if after is not None and after.committed:
-            done.committed = after  # it committed first: roll forward instead
+        aborted = host.abort(new_master, cause)
+        if aborted.committed:
+            done.committed = aborted  # it committed first: roll forward instead
             return done
-    if before and before.notified_systemd and old_master:
-        # Before the kill: systemd must not see its main pid (the new master) die.
+    if aborted and aborted.may_have_notified and old_master:
+        # systemd may know the new master as the main pid: freeze the new generation (a late
+        # MAINPID= from its hook must not land after ours), tell systemd the old master is the
+        # main pid, and only then kill: systemd must never see its main pid die.
+        host.freeze(new_master)
         host.notify(f"MAINPID={old_master}\nSTATUS=Serving (master {old_master}); "
                     f"the reload was rolled back: {cause}")
         done.actions.append(f"told systemd master {old_master} is the main pid again")
-    if before and before.may_have_paused and old_master and _paused(host, before):
-        try:
-            host.send(Slot.STANDBY, "p")  # "p" toggles: resumes the paused old workers
+    if aborted and aborted.needs_resume and old_master and (
+            aborted.pause_certain or _paused_by_log(host, aborted)):
+        if host.resume(new_master):
             done.actions.append(f"resumed the paused workers of master {old_master}")
-        except fifo.NoReader:
+        else:
             done.warnings.append(f"could not resume the paused workers of {old_master}")
     doomed = set(host.reforked_below(old_master)) if old_master else set()
     doomed |= {new_master} if new_master else set()
@@ -66,20 +70,23 @@ def abort_generation(host: Host, new_master: int | None, old_master: int | None,
     if old_master:
         if move_to_live(host, old_master):
             host.write_pidfile(old_master)  # the hook may have named the new master there
+            host.record_serving(old_master)
         else:
             done.warnings.append(f"old master {old_master} did not take the live FIFO back; "
                                  "run `hotswap recover`")
     return done
 
 
-def _paused(host: Host, before: Handover) -> bool:
-    """Did "p" reach the old master? Certain in PAUSED; in PAUSING (the hook died inside its
-    critical section) the master's own log line says, once it has read the FIFO."""
-    if before.state is State.PAUSED:
-        return True
-    evidence = wait(host, lambda: uwsgilog.paused_by_log(host.log_since(before.log_offset))
-                    is not None, PAUSE_EVIDENCE_SECONDS)
-    return bool(evidence) and bool(uwsgilog.paused_by_log(host.log_since(before.log_offset)))
+def _paused_by_log(host: Host, aborted: Handover) -> bool:
+    """PAUSING: the hook died inside its critical section, "p" may or may not have reached the
+    old master. The master's own log line says, once it has read the FIFO. Without one (an
+    unwritable log) we assume it did not: resuming workers that were never paused would
+    pause them."""
+    def verdict():
+        return uwsgilog.paused_by_log(host.log_since(aborted.log_offset))
+
+    return bool(wait(host, lambda: verdict() is not None, PAUSE_EVIDENCE_SECONDS)) and bool(
+        verdict())
 
 
 def move_to_live(host: Host, master: int) -> bool:

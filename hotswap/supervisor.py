@@ -68,7 +68,7 @@ class Supervisor:
         if self.announced is None and not self.stopping:
             print(f"hotswap: uWSGI exited before any generation served (exit "
                   f"{self.exit_code}); see {self.cfg.log_file}", file=sys.stderr)
-            return self.exit_code or 1
+            return 1
         if self.stopping:
             print("hotswap: stopped", file=sys.stderr)
         return self.exit_code
@@ -113,7 +113,7 @@ class Supervisor:
         try:
             with lock.reload_lock(self.cfg, "stop"):
                 instance.begin_stop(self.cfg)
-        except HotswapError:
+        except (HotswapError, OSError):
             return  # a reload is in progress (retried on the next turn), or nothing runs
         self.stop_sent = True
 

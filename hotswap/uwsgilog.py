@@ -33,10 +33,6 @@ def read_since(path: Path, offset: int) -> bytes:
         return b""
 
 
-def tail(path: Path, offset: int, lines: int = TAIL_LINES) -> list[str]:
-    return read_since(path, offset).decode(errors="replace").splitlines()[-lines:]
-
-
 def cause_from(log_tail: list[str]) -> str:
     """': <the last exception line>' from a startup log tail, or '' if none."""
     for line in reversed(log_tail):

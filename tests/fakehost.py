@@ -23,7 +23,8 @@ OLD, NEW = 100, 200
 OLD_WORKERS = [101, 102, 103, 104]
 
 # The hook's steps of a good hand-over, as (seconds after "1f", state).
-GOOD_PLAN = [(0.5, State.STARTED), (0.52, State.NOTIFIED), (0.53, State.PAUSED),
+GOOD_PLAN = [(0.5, State.STARTED), (0.51, State.NOTIFYING), (0.52, State.NOTIFIED),
+             (0.53, State.PAUSED),
              (0.55, State.COMMITTED), (0.551, State.RETIRE_SENT), (0.552, State.DONE)]
 
 
@@ -67,8 +68,10 @@ class FakeHost:
             return  # the hook lost the race: it stops
         if state is State.PAUSED:
             self.paused = not self.paused
-        self.record = self.record.to(state, notified_systemd=self.systemd or
-                                     self.record.notified_systemd)
+        if state is State.NOTIFYING and self.systemd:
+            self.events.append(("notify", f"MAINPID={self.new}"))
+        self.record = self.record.to(state, notified_systemd=self.systemd and state not in (
+            State.STARTED, State.NOTIFYING))
         if state is State.COMMITTED and not self.q_fails:
             self._quit(OLD)
 
@@ -159,15 +162,27 @@ class FakeHost:
     def handover(self) -> Handover | None:
         return self.record
 
-    def abort(self, master: int, error: str):
+    def abort(self, master: int, error: str) -> Handover:
         before = self.record if self.record and self.record.master_pid == master else None
         if before and (before.committed or before.state is State.ABORTED):
-            return before, before
-        after = (before.to(State.ABORTED, error=error) if before
+            return before
+        after = (before.to(State.ABORTED, error=error, aborted_from=before.state) if before
                  else Handover(master_pid=master, state=State.ABORTED, error=error))
         self.record = after
         self.events.append(("abort", master))
-        return before, after
+        return after
+
+    def freeze(self, master: int) -> None:
+        self.events.append(("freeze", master))
+        self.timers.clear()  # a stopped hook writes nothing more
+
+    def resume(self, master: int) -> bool:
+        self.send(Slot.STANDBY, "p")
+        self.record = self.record.to(self.record.state, resumed=True)
+        return True
+
+    def record_serving(self, master: int) -> None:
+        self.record = Handover(master_pid=master, state=State.DONE)
 
     def log_mark(self) -> int:
         return len(self.log)

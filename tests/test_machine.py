@@ -15,6 +15,11 @@ from hotswap.host import Masters, Slot
 from hotswap.record import Handover, State
 from hotswap.reload import PAUSE_STALL, Phase, Reload
 
+# The good plan cut after a step: the hook stops there (SIGKILLed, SIGSTOPped, or slow).
+UNTIL_NOTIFYING = GOOD_PLAN[:2]
+UNTIL_PAUSED = GOOD_PLAN[:4]
+UNTIL_COMMITTED = GOOD_PLAN[:5]
+
 
 def run(host: FakeHost, timeout: float = 30.0, drain: float = 5.0, interrupt_at=None,
         signame: str = "SIGTERM"):
@@ -96,11 +101,12 @@ def test_a_hand_over_started_at_the_deadline_gets_its_grace():
     assert_new_serves(host)
 
 
-@pytest.mark.parametrize("last_state", [State.STARTED, State.NOTIFIED, State.PAUSED])
+PRE_COMMIT_STATES = [State.STARTED, State.NOTIFYING, State.NOTIFIED, State.PAUSED]
+
+
+@pytest.mark.parametrize("last_state", PRE_COMMIT_STATES)
 def test_new_master_killed_at_each_pre_commit_step(last_state: State):
-    plan = [step for step in GOOD_PLAN if step[1] in
-            (State.STARTED, State.NOTIFIED, State.PAUSED)]
-    plan = plan[:[s for _, s in plan].index(last_state) + 1]
+    plan = GOOD_PLAN[:PRE_COMMIT_STATES.index(last_state) + 1]
     host = FakeHost(plan=plan)
     host.systemd = True
     host.at(1.0, lambda: host.kill_generations([NEW]))
@@ -113,19 +119,50 @@ def test_new_master_killed_at_each_pre_commit_step(last_state: State):
 
 
 def test_systemd_is_told_the_old_main_pid_before_the_new_generation_dies():
-    host = FakeHost(plan=GOOD_PLAN[:3])  # notified, paused, then the hook stops
+    host = FakeHost(plan=UNTIL_PAUSED)  # notified, paused, then the hook stops
     host.systemd = True
     result, _ = run(host)
     assert result.exit_code == ExitCode.RELOAD_FAILED and "stalled" in result.message
     kinds = [e[0] for e in host.events]
     notify = kinds.index("notify", kinds.index("abort"))
     assert host.events[notify][1] == f"MAINPID={OLD}"
-    assert notify < kinds.index("kill"), "systemd must know the old main pid before the kill"
+    assert kinds.index("freeze") < notify < kinds.index("kill"), \
+        "systemd must know the old main pid before the kill"
     assert_old_serves(host)
 
 
+def test_interrupt_while_systemd_is_being_told_the_new_main_pid():
+    """NOTIFYING is recorded before the hook's MAINPID= goes out: the rollback freezes the new
+    generation, restores the old main pid, then kills."""
+    host = FakeHost(plan=UNTIL_NOTIFYING)
+    host.systemd = True
+    result, _ = run(host, interrupt_at=0.515)
+    assert result.exit_code == ExitCode.RELOAD_FAILED and "interrupted" in result.message
+    notifies = [e for e in host.events if e[0] == "notify"]
+    assert notifies[0][1] == f"MAINPID={NEW}" and notifies[-1][1] == f"MAINPID={OLD}"
+    kinds = [e[0] for e in host.events]
+    assert kinds.index("freeze") < len(kinds) - 1 - kinds[::-1].index("notify") \
+        < kinds.index("kill")
+    assert_old_serves(host)
+
+
+def test_a_rollback_killed_halfway_is_finished_by_the_next_reload():
+    """The CLI died after aborting, before resuming the paused old workers: the record says
+    what is owed, and the next reload's preflight pays it."""
+    host = FakeHost()
+    host._fork()
+    host.timers.clear()
+    host.paused = True
+    host.record = Handover(master_pid=NEW, state=State.ABORTED, retiring_pid=OLD,
+                           aborted_from=State.PAUSED)
+    result, _ = run(host)
+    assert result.ok, result.message
+    assert ("standby", "p") in sent(host)
+    assert host.serving() == host.new != NEW
+
+
 def test_hook_dead_between_p_and_q_is_rolled_back_within_the_stall_budget():
-    host = FakeHost(plan=GOOD_PLAN[:3])  # PAUSED, then nothing: the hook was SIGKILLed
+    host = FakeHost(plan=UNTIL_PAUSED)  # PAUSED, then nothing: the hook is SIGSTOPped
     result, _ = run(host, timeout=300)
     assert result.exit_code == ExitCode.RELOAD_FAILED
     assert "stalled with the old workers paused" in result.message
@@ -150,7 +187,7 @@ def test_drain_past_its_budget_succeeds_with_a_warning():
 
 
 def test_a_committed_hook_that_could_not_write_q_is_finished_by_the_cli():
-    host = FakeHost(plan=GOOD_PLAN[:4])  # COMMITTED, then the hook's "q" failed
+    host = FakeHost(plan=UNTIL_COMMITTED)  # COMMITTED, then the hook's "q" failed
     host.q_fails = True
     result, _ = run(host)
     assert result.ok, result.message
@@ -190,7 +227,7 @@ def test_interrupt_at_every_phase(phase: Phase, signame: str):
 
 
 def test_interrupt_while_the_old_workers_are_paused_resumes_them():
-    host = FakeHost(plan=GOOD_PLAN[:3])  # paused at 0.53 s; the commit never comes
+    host = FakeHost(plan=UNTIL_PAUSED)  # paused at 0.53 s; the commit never comes
     result, _ = run(host, interrupt_at=0.8)
     assert result.exit_code == ExitCode.RELOAD_FAILED and "interrupted" in result.message
     assert host.paused is False
