@@ -49,6 +49,7 @@ from . import fifo, files, notify, procs, record, uwsgilog
 from .record import Handover, State
 
 PAUSE_TIMEOUT = 2.0
+QUIET_SECONDS = 0.25
 ABORTED_POLL = 0.05
 RETRY_SECONDS = 1.0
 # The chain above the hook: python <- sh -c <- worker. A few levels, never further: an
@@ -232,29 +233,36 @@ def _pause(paths: Paths, current: Handover) -> Handover:
 
 
 def pause_workers_wait(paths: Paths, retiring: int, offset: int) -> str:
-    """Wait until every worker of the retiring generation is parked; "n/m" parked.
+    """Wait until the retiring generation's idle workers are parked; "n/m" parked.
 
     uWSGI's graceful quit sends SIGHUP to every worker, and a worker that is not inside a
     request exits on the spot: if it had just accept()ed a connection and not yet marked
     itself busy, that connection is reset (measured: 8 resets over 40 reloads under 32
     concurrent clients; none over 100 with the pause). "p" marks the workers suspended, and a
-    worker only suspends at the top of its loop, before accepting: once all of them log
-    "suspended", none holds an unanswered connection, and "q" is safe. SIGTSTP nudges a
-    worker blocked in epoll back to the top of its loop."""
+    worker only suspends at the top of its loop, before accepting: once it logs "suspended",
+    it holds no unanswered connection. SIGTSTP nudges a worker blocked in epoll back to the
+    top of its loop at once; a worker that has not parked QUIET_SECONDS after the last one
+    did is inside a request, which a SIGHUP lets it finish. So "q" is safe then, and nobody
+    accepts for no longer than that (not for the whole of a long request)."""
     reforked = procs.session_leaders_below(retiring)  # the new master: not a worker
     workers = [pid for pid in procs.children(retiring) if pid not in reforked]
-    seen = [0]
+    seen = [0, time.monotonic()]  # parked so far, when that number last grew
 
-    def all_suspended() -> bool:
-        seen[0] = len(uwsgilog.suspended_workers(uwsgilog.read_since(paths.log_file, offset)))
-        if seen[0] >= len(workers):
+    def parked_or_busy() -> bool:
+        parked = len(uwsgilog.suspended_workers(uwsgilog.read_since(paths.log_file, offset)))
+        if parked >= len(workers):
+            seen[0] = parked
             return True
+        if parked > seen[0]:
+            seen[0], seen[1] = parked, time.monotonic()
+        elif time.monotonic() - seen[1] >= QUIET_SECONDS:
+            return True  # the others are busy with requests
         for pid in workers:
             procs.signal_quietly(pid, signal.SIGTSTP)
         return False
 
-    done = procs.wait_until(all_suspended, PAUSE_TIMEOUT, interval=0.01)
-    return f"{len(workers) if done else seen[0]}/{len(workers)}"
+    procs.wait_until(parked_or_busy, PAUSE_TIMEOUT, interval=0.01)
+    return f"{seen[0]}/{len(workers)}"
 
 
 def _wait_paused(paths: Paths, current: Handover) -> Handover:

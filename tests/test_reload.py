@@ -167,16 +167,21 @@ def test_inflight_slow_request_survives_reload(service: Service):
 
 def test_drain_past_its_budget_still_succeeds(service: Service):
     before = service.start()
-    # long enough to outlast the new generation's import on a busy machine
-    slow = SlowRequest(service, seconds=10)
-    service.release(version="v2")
-    done = service.cli("reload", "--drain", "0.5")
-    assert done.returncode == 0, done.stderr
-    assert f"old master {before['master_pid']} still draining" in done.stderr
-    assert service.health()["generation"].startswith("v2+")
+    service.release_hanging_import()
+    reload = service.cli_background("reload", "--drain", "0.5")
+    service.loading_pid()
+    # in flight in an old worker while the new generation waits to finish its import
+    slow = SlowRequest(service, seconds=6)
+    service.let_import_finish()
+    out, err = reload.communicate(timeout=120)
+    assert reload.returncode == 0, out + err
+    assert f"old master {before['master_pid']} still draining" in err
+    service.seen_masters.add(service.health()["master_pid"])
+    assert service.health()["master_pid"] != before["master_pid"]
     answer = slow.result()
     assert answer.status == 200 and answer.json()["generation"] == before["generation"]
     assert procs.wait_until(lambda: not procs.alive(before["master_pid"]), 30)
+    service.restore_code()
     service.release(version="v3")
     assert service.cli("reload").returncode == 0
 
