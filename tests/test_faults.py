@@ -32,6 +32,15 @@ def assert_one_generation(service: Service, master: int, generation_prefix: str)
     assert status["fifos"]["standby"]["state"] == "missing", status
 
 
+def assert_swapped(service: Service, old_master: int, generation_prefix: str) -> int:
+    """A new master serves `generation_prefix`, alone; returns its pid."""
+    new = service.health()["master_pid"]
+    service.seen_masters.add(new)
+    assert new != old_master
+    assert_one_generation(service, new, generation_prefix)
+    return new
+
+
 def next_reload_works(service: Service, version: str) -> None:
     service.restore_code()
     service.release(version=version)
@@ -72,10 +81,7 @@ def test_signal_to_reload_at_each_phase(service: Service, phase: str, signum: in
             assert_one_generation(service, before["master_pid"], "v1+")
         else:
             assert code == 0, out + err
-            new = service.health()["master_pid"]
-            service.seen_masters.add(new)
-            assert new != before["master_pid"]
-            assert_one_generation(service, new, "v2+")
+            assert_swapped(service, before["master_pid"], "v2+")
         next_reload_works(service, "v3")
     no_failures(load)
 
@@ -97,10 +103,7 @@ def test_log_directory_full(service: Service):
             service.release(version="v2")
             done = service.cli("reload")
             assert done.returncode == 0, done.stdout + done.stderr
-            new = service.health()["master_pid"]
-            service.seen_masters.add(new)
-            assert new != before["master_pid"]
-            assert_one_generation(service, new, "v2+")
+            assert_swapped(service, before["master_pid"], "v2+")
             next_reload_works(service, "v3")
         no_failures(load)
     finally:
