@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	# uWSGI compiles from PyPI once (about a minute); the wheel is kept for installs
 	$(BIN)/pip wheel --quiet --find-links $(WHEELS) --wheel-dir $(WHEELS) 'uWSGI>=2.0.31,<2.1'
-	$(BIN)/pip install --quiet --find-links $(WHEELS) -e '.[test,bench]'
+	$(BIN)/pip install --quiet --find-links $(WHEELS) -e '.[test,bench,fleet]'
 	touch $@
 
 venv: $(STAMP)

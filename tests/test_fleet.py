@@ -1,0 +1,192 @@
+"""deploy/ansible/rolling-release.yml with real Ansible against local hotswap instances.
+
+Each inventory host is `ansible_connection: local` with its own instance folder (a Service),
+all under load over their unix sockets for the whole rollout.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import REPO, TEST_TERMS, Service, sample_paths
+
+from bench.loadgen import LoadGenerator, summarize
+from scripts.fleet_demo import BIN, NEEDED_FILE, make_release, run_playbook, write_inventory
+
+pytestmark = pytest.mark.skipif(
+    not (BIN / "ansible-playbook").exists(),
+    reason="ansible-core is not installed (make venv installs the fleet extra)",
+)
+
+HOSTS = ("host1", "host2", "host3", "host4")
+BATCHES = [1, "50%", "100%"]  # 4 hosts: [host1], [host2, host3], [host4]
+CONNECTIONS = 2  # per host: the machine has 2 cores and other suites run beside this one
+
+
+class Fleet:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.hosts: dict[str, Service] = {}
+        for name in HOSTS:
+            (root / name).mkdir()
+            self.hosts[name] = Service(root / name)
+        self.inventory = write_inventory(
+            root / "inventory.yml", {name: svc.ini for name, svc in self.hosts.items()})
+        self.report = root / "report.json"
+
+    def start(self) -> None:
+        for svc in self.hosts.values():
+            svc.start()
+
+    def masters(self) -> dict[str, int]:
+        return {name: svc.health()["master_pid"] for name, svc in self.hosts.items()}
+
+    def generations(self) -> dict[str, str]:
+        return {name: svc.health()["generation"] for name, svc in self.hosts.items()}
+
+    def load(self) -> dict[str, LoadGenerator]:
+        return {name: LoadGenerator(str(svc.socket), CONNECTIONS, sample_paths(svc),
+                                    max_seconds=600) for name, svc in self.hosts.items()}
+
+    def roll(self, release: Path | str | None, **extra: object):
+        done, _ = run_playbook(self.inventory, release, self.root, timeout=900,
+                               rollout_batches=BATCHES, rollout_report=str(self.report),
+                               **extra)
+        return done
+
+    def report_hosts(self) -> dict[str, dict]:
+        return {h["host"]: h for h in json.loads(self.report.read_text())["hosts"]}
+
+    def teardown(self) -> None:
+        errors = []
+        for svc in self.hosts.values():
+            try:
+                svc.teardown()
+            except AssertionError as error:
+                errors.append(str(error))
+        assert not errors, errors
+
+
+@pytest.fixture
+def fleet(tmp_path: Path):
+    group = Fleet(tmp_path)
+    try:
+        yield group
+    finally:
+        group.teardown()
+
+
+def stop_all(loads: dict[str, LoadGenerator]) -> dict[str, dict]:
+    return {name: summarize(load.stop()) for name, load in loads.items()}
+
+
+@pytest.mark.slow
+def test_good_release_rolls_over_every_batch_then_a_second_run_is_idempotent(fleet: Fleet):
+    fleet.start()
+    before = fleet.masters()
+    release = make_release(fleet.root / "releases" / "v2", "v2", TEST_TERMS)
+    loads = {name: load.start() for name, load in fleet.load().items()}
+    try:
+        first = fleet.roll(release)
+        assert first.returncode == 0, first.stdout[-4000:]
+        swapped = fleet.masters()
+        second = fleet.roll(release)
+        assert second.returncode == 0, second.stdout[-4000:]
+    finally:
+        summaries = stop_all(loads)
+
+    for name, summary in summaries.items():
+        assert summary["failed"] == 0, (name, summary)
+        assert len(summary["generations"]) == 2, (name, summary)  # v1, then v2
+    # the batches, in order: serial [1, "50%", "100%"] over 4 hosts
+    batches = [line.split('"msg": "batch ')[1].split(":")[0]
+               for line in first.stdout.splitlines() if '"msg": "batch ' in line]
+    assert batches == ["host1", "host2, host3", "host4"], first.stdout[-4000:]
+    assert all(g.startswith("v2+") for g in fleet.generations().values())
+    assert all(swapped[name] != before[name] for name in HOSTS)
+    # the second run swapped nothing: same masters, nothing changed, it says so per host
+    assert fleet.masters() == swapped
+    assert second.stdout.count("nothing to do") == len(HOSTS), second.stdout[-4000:]
+    for name in HOSTS:
+        assert f"{name}" in second.stdout and "changed=0" in next(
+            line for line in second.stdout.splitlines() if line.startswith(f"{name} "))
+    report = fleet.report_hosts()
+    assert {h["release"] for h in report.values()} == {"v2"}, report
+    assert all(h["result"].startswith("unchanged") for h in report.values()), report
+    # no copy of the old release is left behind on a host that swapped
+    for svc in fleet.hosts.values():
+        assert not list(svc.root.rglob("*~")), list(svc.root.rglob("*~"))
+
+
+@pytest.mark.slow
+def test_release_broken_on_the_second_host_stops_the_rollout(fleet: Fleet):
+    fleet.start()
+    before = fleet.masters()
+    for name, svc in fleet.hosts.items():
+        if name != "host2":  # the release needs this file; host2 lacks it
+            (svc.root / NEEDED_FILE).write_text("ok\n")
+    release = make_release(fleet.root / "releases" / "v2", "v2", TEST_TERMS,
+                           needs_host_file=True)
+    old_files = {name: {path: (svc.root / path).read_bytes()
+                        for path in ("srv.py", "data/terms.tsv")}
+                 for name, svc in fleet.hosts.items()}
+    loads = {name: load.start() for name, load in fleet.load().items()}
+    try:
+        done = fleet.roll(release)
+    finally:
+        summaries = stop_all(loads)
+
+    for name, summary in summaries.items():
+        assert summary["failed"] == 0, (name, summary)
+    # the play failed, naming the host and the kit's cause
+    assert done.returncode == 2, done.stdout[-4000:]
+    assert "host2: release v2 failed" in done.stdout, done.stdout[-4000:]
+    assert f"RuntimeError: this release needs {NEEDED_FILE} on this host" in done.stdout
+    generations, masters = fleet.generations(), fleet.masters()
+    # host1 (batch 1) and host3 (host2's batch, swapped in parallel) serve the new release
+    assert generations["host1"].startswith("v2+") and generations["host3"].startswith("v2+")
+    # host2: the kit rolled back, its old master never stopped serving, its files are v1 again
+    assert generations["host2"].startswith("v1+")
+    assert masters["host2"] == before["host2"]
+    # host4 (batch 3) was never touched
+    assert generations["host4"].startswith("v1+") and masters["host4"] == before["host4"]
+    for name in ("host2", "host4"):
+        root = fleet.hosts[name].root
+        for path, content in old_files[name].items():
+            assert (root / path).read_bytes() == content, (name, path)
+        assert not list(root.rglob("*~")), list(root.rglob("*~"))
+    assert not (fleet.hosts["host4"].root / ".hotswap-release.json").exists()
+    report = fleet.report_hosts()
+    assert report["host1"]["release"] == "v2" and report["host3"]["release"] == "v2"
+    assert report["host2"]["result"].startswith("FAILED: hotswap reload exit 1"), report
+    assert "rolled back: the old release v1+" in report["host2"]["result"], report
+    assert report["host4"]["result"] == "not reached", report
+    # the failed host is the one the recap counts as failed
+    recap = {line.split()[0]: line for line in done.stdout.splitlines()
+             if line.startswith("host") and "unreachable=" in line}
+    assert "failed=1" in recap["host2"] and "failed=0" in recap["host1"], recap
+
+
+def test_missing_release_is_refused_before_any_host(tmp_path: Path):
+    # the hosts need not exist: nothing may reach them
+    inventory = write_inventory(tmp_path / "inventory.yml",
+                                {"host1": tmp_path / "nowhere" / "srv.ini"})
+    for release, message in ((tmp_path / "no-such-release", "lacks srv.py, data/terms.tsv"),
+                             (None, "no release given: pass -e release_dir=")):
+        done, _ = run_playbook(inventory, release, tmp_path, timeout=300)
+        assert done.returncode == 2, done.stdout
+        assert message in done.stdout, done.stdout
+        assert "Roll the release over the fleet" not in done.stdout, done.stdout
+
+
+def test_playbook_passes_ansible_syntax_check(tmp_path: Path):
+    import subprocess
+
+    from scripts.fleet_demo import ansible_env, playbook_argv
+
+    inventory = write_inventory(tmp_path / "inventory.yml", {"host1": REPO / "srv.ini"})
+    done = subprocess.run(playbook_argv(inventory, REPO) + ["--syntax-check"],
+                          env=ansible_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
