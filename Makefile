@@ -10,7 +10,7 @@ TERMS ?= 2000000
 PREFIX ?= /opt/hotswap
 UNIT_DIR ?= /etc/systemd/system
 
-.PHONY: run test venv deps-system lint bench install-systemd reload status stop clean
+.PHONY: run test venv deps-system lint bench install-systemd reload status stop clean fleet-demo
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,11 @@ test: $(STAMP) deps-system lint
 
 bench: $(STAMP) deps-system
 	$(BIN)/python -m bench.bench
+
+# deploy/ansible's rolling release over 4 local instances: a good release, the same again,
+# one that breaks on host2 (see scripts/fleet_demo.py)
+fleet-demo: $(STAMP)
+	$(BIN)/python -m scripts.fleet_demo $(FLEET_ARGS)
 
 install-systemd: $(STAMP)
 	bash deploy/install-systemd.sh $(PREFIX) $(UNIT_DIR)

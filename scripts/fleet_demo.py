@@ -154,6 +154,28 @@ class Host:
             self.supervisor.wait(timeout=10)
 
 
+def timing_table(timings: list[tuple[str, float, Path]]) -> str:
+    """Per run: its wall time; per batch: its wall time; per host: the kit's swap and the
+    reload command (the hotswap process included), from the play's reports."""
+    lines = ["| run | playbook wall s | batch: wall s | host: swap s (reload command s) |",
+             "|---|---|---|---|"]
+    for title, wall, report in timings:
+        try:
+            hosts = json.loads(report.read_text())["hosts"]
+        except (OSError, ValueError):
+            hosts = []
+        batches: dict[str, object] = {}
+        for host in hosts:
+            if host["batch"]:
+                batches.setdefault(", ".join(host["batch"]), host["batch_seconds"])
+        swaps = [f"{h['host']} {h['swap_seconds']} ({h['reload_command_seconds']})"
+                 for h in hosts if h["swap_seconds"] is not None]
+        lines.append(f"| {title} | {wall:.1f} | "
+                     + "; ".join(f"[{k}] {v}" for k, v in batches.items()) + " | "
+                     + ("; ".join(swaps) or "no swap") + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--hosts", type=int, default=4, help="local instances (default 4)")
@@ -204,15 +226,19 @@ def main(argv: list[str] | None = None) -> int:
                                      max_seconds=600).start() for name, host in hosts.items()}
         steps = [("release v2", v2, 0), ("release v2 again (idempotent)", v2, 0),
                  ("release v3, broken on host2", v3, 2)]
-        for title, release, expected in steps:
+        timings = []
+        for number, (title, release, expected) in enumerate(steps, start=1):
             print(f"==== {title}: ansible-playbook rolling-release.yml "
                   f"-e release_dir={release}", flush=True)
+            report = workdir / f"report-{number}.json"
             done, wall = run_playbook(inventory, release, workdir, echo=True,
-                                      rollout_batches=batches)
+                                      rollout_batches=batches, rollout_report=str(report))
             verdict = "as expected" if done.returncode == expected else "UNEXPECTED"
             print(f"==== {title}: exit {done.returncode} ({verdict}) in {wall:.1f} s wall\n",
                   flush=True)
             ok = ok and done.returncode == expected
+            timings.append((title, wall, report))
+        print(timing_table(timings))
         for name, host in hosts.items():
             print(f"fleet-demo: {name} serves {host.generation()}")
     finally:

@@ -173,7 +173,9 @@ def test_missing_release_is_refused_before_any_host(tmp_path: Path):
     # the hosts need not exist: nothing may reach them
     inventory = write_inventory(tmp_path / "inventory.yml",
                                 {"host1": tmp_path / "nowhere" / "srv.ini"})
-    for release, message in ((tmp_path / "no-such-release", "lacks srv.py, data/terms.tsv"),
+    (tmp_path / "empty-release").mkdir()
+    for release, message in ((tmp_path / "no-such-release", "no-such-release: no such folder"),
+                             (tmp_path / "empty-release", "lacks srv.py, data/terms.tsv"),
                              (None, "no release given: pass -e release_dir=")):
         done, _ = run_playbook(inventory, release, tmp_path, timeout=300)
         assert done.returncode == 2, done.stdout
@@ -190,3 +192,9 @@ def test_playbook_passes_ansible_syntax_check(tmp_path: Path):
     done = subprocess.run(playbook_argv(inventory, REPO) + ["--syntax-check"],
                           env=ansible_env(tmp_path), capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
+    example = REPO / "deploy" / "ansible" / "inventory.example.yml"
+    listed = subprocess.run([str(BIN / "ansible-inventory"), "-i", str(example), "--list"],
+                            env=ansible_env(tmp_path), capture_output=True, text=True,
+                            timeout=120)
+    assert listed.returncode == 0, listed.stderr
+    assert len(json.loads(listed.stdout)["hotswap"]["hosts"]) == 4
