@@ -63,8 +63,10 @@ def make_release(folder: Path, version: str, terms: int, needs_host_file: bool =
     return folder
 
 
-def write_inventory(path: Path, hosts: dict[str, Path], **group_vars: object) -> Path:
-    """An inventory of local hosts: name -> that host's srv.ini (JSON is valid YAML)."""
+def write_inventory(path: Path, hosts: dict[str, Path], host_vars: dict | None = None,
+                    **group_vars: object) -> Path:
+    """An inventory of local hosts: name -> that host's srv.ini (JSON is valid YAML).
+    host_vars: name -> more variables for that host (e.g. an SSH connection instead)."""
     inventory = {"all": {"children": {"hotswap": {
         "vars": {
             "ansible_connection": "local",
@@ -72,7 +74,8 @@ def write_inventory(path: Path, hosts: dict[str, Path], **group_vars: object) ->
             "hotswap_bin": str(BIN / "hotswap"),
             **group_vars,
         },
-        "hosts": {name: {"hotswap_ini": str(ini)} for name, ini in hosts.items()},
+        "hosts": {name: {"hotswap_ini": str(ini), **(host_vars or {}).get(name, {})}
+                  for name, ini in hosts.items()},
     }}}}
     path.write_text(json.dumps(inventory, indent=2) + "\n")
     return path

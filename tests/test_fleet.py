@@ -6,13 +6,19 @@ all under load over their unix sockets for the whole rollout.
 
 from __future__ import annotations
 
+import getpass
 import json
+import os
+import signal
+import socket
+import subprocess
 from pathlib import Path
 
 import pytest
 from conftest import REPO, TEST_TERMS, Service, sample_paths
 
 from bench.loadgen import LoadGenerator, summarize
+from hotswap import procs
 from scripts.fleet_demo import BIN, NEEDED_FILE, make_release, run_playbook, write_inventory
 
 pytestmark = pytest.mark.skipif(
@@ -26,14 +32,16 @@ CONNECTIONS = 2  # per host: the machine has 2 cores and other suites run beside
 
 
 class Fleet:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, names: tuple[str, ...] = HOSTS,
+                 host_vars: dict | None = None) -> None:
         self.root = root
         self.hosts: dict[str, Service] = {}
-        for name in HOSTS:
+        for name in names:
             (root / name).mkdir()
             self.hosts[name] = Service(root / name)
         self.inventory = write_inventory(
-            root / "inventory.yml", {name: svc.ini for name, svc in self.hosts.items()})
+            root / "inventory.yml", {name: svc.ini for name, svc in self.hosts.items()},
+            host_vars)
         self.report = root / "report.json"
 
     def start(self) -> None:
@@ -184,8 +192,6 @@ def test_missing_release_is_refused_before_any_host(tmp_path: Path):
 
 
 def test_playbook_passes_ansible_syntax_check(tmp_path: Path):
-    import subprocess
-
     from scripts.fleet_demo import ansible_env, playbook_argv
 
     inventory = write_inventory(tmp_path / "inventory.yml", {"host1": REPO / "srv.ini"})
@@ -198,3 +204,94 @@ def test_playbook_passes_ansible_syntax_check(tmp_path: Path):
                             timeout=120)
     assert listed.returncode == 0, listed.stderr
     assert len(json.loads(listed.stdout)["hotswap"]["hosts"]) == 4
+
+
+SSHD = Path("/usr/sbin/sshd")
+
+
+class Sshd:
+    """A private sshd on 127.0.0.1: a free port, a host key and a client key made here, and
+    no ControlPersist on the client side, so no process outlives the test."""
+
+    def __init__(self, root: Path) -> None:
+        self.dir = root / "sshd"
+        self.dir.mkdir(mode=0o700)
+        for key in ("host_key", "client_key"):
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f",
+                            str(self.dir / key)], check=True, timeout=60)
+        (self.dir / "authorized_keys").write_text((self.dir / "client_key.pub").read_text())
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.user = getpass.getuser()
+        self.log = self.dir / "sshd.log"
+        (self.dir / "sshd_config").write_text(
+            f"Port {self.port}\nListenAddress 127.0.0.1\nHostKey {self.dir}/host_key\n"
+            f"PidFile {self.dir}/sshd.pid\nAuthorizedKeysFile {self.dir}/authorized_keys\n"
+            "PubkeyAuthentication yes\nPasswordAuthentication no\n"
+            "KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n"
+            f"UsePAM no\nStrictModes no\nAllowUsers {self.user}\n")
+        # the privilege-separation folder the Debian unit would create
+        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+        self.process = subprocess.Popen(
+            [str(SSHD), "-D", "-f", str(self.dir / "sshd_config"), "-E", str(self.log)],
+            start_new_session=True)
+
+        def accepting() -> bool:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    return True
+            except OSError:
+                return self.process.poll() is not None  # stop waiting if it died
+
+        procs.wait_until(accepting, 30, interval=0.05)
+        assert self.process.poll() is None, self.log.read_text()
+
+    def host_vars(self, remote_tmp: Path) -> dict:
+        return {
+            "ansible_connection": "ssh",
+            "ansible_host": "127.0.0.1",
+            "ansible_port": self.port,
+            "ansible_user": self.user,
+            "ansible_ssh_private_key_file": str(self.dir / "client_key"),
+            # no ControlMaster/ControlPersist: no ssh master process left after the play
+            "ansible_ssh_args": "-o ControlMaster=no -o StrictHostKeyChecking=no "
+                                "-o UserKnownHostsFile=/dev/null -o IdentitiesOnly=yes",
+            "ansible_remote_tmp": str(remote_tmp),
+        }
+
+    def stop(self) -> None:
+        # sessions end with their connections; then the listener, by its pid
+        procs.wait_until(lambda: not procs.descendants(self.process.pid), 30)
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(timeout=30)
+        left = [p for p in procs.descendants(self.process.pid) if procs.alive(p)]
+        assert not left, f"sshd sessions left behind: {left}"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SSHD.exists() or os.geteuid() != 0,
+                    reason="needs root and openssh-server (scripts/install-system-deps.sh)")
+def test_a_host_over_real_ssh_swaps_like_a_local_one(tmp_path: Path):
+    sshd = Sshd(tmp_path)
+    try:
+        fleet = Fleet(tmp_path, ("local1", "ssh1"),
+                      {"ssh1": sshd.host_vars(tmp_path / "remote-tmp")})
+        try:
+            fleet.start()
+            release = make_release(tmp_path / "releases" / "v2", "v2", TEST_TERMS)
+            loads = {name: load.start() for name, load in fleet.load().items()}
+            try:
+                done = fleet.roll(release)
+            finally:
+                summaries = stop_all(loads)
+            assert done.returncode == 0, done.stdout[-4000:]
+            assert all(g.startswith("v2+") for g in fleet.generations().values())
+            for name, summary in summaries.items():
+                assert summary["failed"] == 0, (name, summary)
+            # ssh1's tasks really went through sshd
+            assert "Accepted publickey for " + sshd.user in sshd.log.read_text()
+        finally:
+            fleet.teardown()
+    finally:
+        sshd.stop()
