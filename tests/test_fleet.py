@@ -177,6 +177,39 @@ def test_release_broken_on_the_second_host_stops_the_rollout(fleet: Fleet):
     assert "failed=1" in recap["host2"] and "failed=0" in recap["host1"], recap
 
 
+@pytest.mark.slow
+def test_a_failed_gate_swaps_the_old_release_back(tmp_path: Path):
+    # the release itself is fine; the gate asks for a page nothing serves, so host1's gate
+    # fails after its swap and the rescue must swap v1 back in
+    fleet = Fleet(tmp_path, ("host1", "host2"))
+    try:
+        fleet.start()
+        before = fleet.masters()
+        old_files = (fleet.hosts["host1"].root / "data" / "terms.tsv").read_bytes()
+        release = make_release(tmp_path / "releases" / "v2", "v2", TEST_TERMS)
+        loads = {name: load.start() for name, load in fleet.load().items()}
+        try:
+            done = fleet.roll(release, hotswap_probe_path="/lookup?q=no-such-term",
+                              hotswap_probe_retries=1)
+        finally:
+            summaries = stop_all(loads)
+        for name, summary in summaries.items():
+            assert summary["failed"] == 0, (name, summary)
+        assert done.returncode == 2, done.stdout[-4000:]
+        assert "host1: release v2 failed (Gate | hotswap probe" in done.stdout, done.stdout[-4000:]
+        generations, masters = fleet.generations(), fleet.masters()
+        # host1 went to v2 and back: a new master, the old release
+        assert generations["host1"].startswith("v1+") and masters["host1"] != before["host1"]
+        root = fleet.hosts["host1"].root
+        assert (root / "data" / "terms.tsv").read_bytes() == old_files
+        assert not list(root.rglob("*~")), list(root.rglob("*~"))
+        assert "rolled back: the old release v1+" in fleet.report_hosts()["host1"]["result"]
+        # host2 was never touched
+        assert generations["host2"].startswith("v1+") and masters["host2"] == before["host2"]
+    finally:
+        fleet.teardown()
+
+
 def test_missing_release_is_refused_before_any_host(tmp_path: Path):
     # the hosts need not exist: nothing may reach them
     inventory = write_inventory(tmp_path / "inventory.yml",
