@@ -29,6 +29,9 @@ pytestmark = pytest.mark.skipif(
 HOSTS = ("host1", "host2", "host3", "host4")
 BATCHES = [1, "50%", "100%"]  # 4 hosts: [host1], [host2, host3], [host4]
 CONNECTIONS = 2  # per host: the machine has 2 cores and other suites run beside this one
+# A rollout is mostly Ansible's own work (a fresh Python process per module run): about a
+# minute per batch on a 2-core machine busy with other suites, seconds on an idle one.
+ROLLOUT_TIMEOUT = 900
 
 
 class Fleet:
@@ -59,7 +62,7 @@ class Fleet:
                                     max_seconds=600) for name, svc in self.hosts.items()}
 
     def roll(self, release: Path | str | None, **extra: object):
-        done, _ = run_playbook(self.inventory, release, self.root, timeout=900,
+        done, _ = run_playbook(self.inventory, release, self.root, timeout=ROLLOUT_TIMEOUT,
                                rollout_batches=BATCHES, rollout_report=str(self.report),
                                **extra)
         return done
@@ -91,6 +94,7 @@ def stop_all(loads: dict[str, LoadGenerator]) -> dict[str, dict]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2 * ROLLOUT_TIMEOUT)
 def test_good_release_rolls_over_every_batch_then_a_second_run_is_idempotent(fleet: Fleet):
     fleet.start()
     before = fleet.masters()
@@ -129,6 +133,7 @@ def test_good_release_rolls_over_every_batch_then_a_second_run_is_idempotent(fle
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2 * ROLLOUT_TIMEOUT)
 def test_release_broken_on_the_second_host_stops_the_rollout(fleet: Fleet):
     fleet.start()
     before = fleet.masters()
@@ -178,6 +183,7 @@ def test_release_broken_on_the_second_host_stops_the_rollout(fleet: Fleet):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2 * ROLLOUT_TIMEOUT)
 def test_a_failed_gate_swaps_the_old_release_back(tmp_path: Path):
     # the release itself is fine; the gate asks for a page nothing serves, so host1's gate
     # fails after its swap and the rescue must swap v1 back in
@@ -303,6 +309,7 @@ class Sshd:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2 * ROLLOUT_TIMEOUT)
 @pytest.mark.skipif(not SSHD.exists() or os.geteuid() != 0,
                     reason="needs root and openssh-server (scripts/install-system-deps.sh)")
 def test_a_host_over_real_ssh_swaps_like_a_local_one(tmp_path: Path):
