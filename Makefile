@@ -10,14 +10,14 @@ TERMS ?= 2000000
 PREFIX ?= /opt/hotswap
 UNIT_DIR ?= /etc/systemd/system
 
-.PHONY: run test venv deps-system lint bench install-systemd reload status stop clean
+.PHONY: run test venv deps-system lint bench install-systemd reload status stop clean fleet-demo
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# uWSGI compiles from PyPI once (about a minute); the wheel is kept for installs
 	$(BIN)/pip wheel --quiet --find-links $(WHEELS) --wheel-dir $(WHEELS) 'uWSGI>=2.0.31,<2.1'
-	$(BIN)/pip install --quiet --find-links $(WHEELS) -e '.[test,bench]'
+	$(BIN)/pip install --quiet --find-links $(WHEELS) -e '.[test,bench,fleet]'
 	touch $@
 
 venv: $(STAMP)
@@ -42,6 +42,11 @@ test: $(STAMP) deps-system lint
 
 bench: $(STAMP) deps-system
 	$(BIN)/python -m bench.bench
+
+# deploy/ansible's rolling release over 4 local instances: a good release, the same again,
+# one that breaks on host2 (see scripts/fleet_demo.py)
+fleet-demo: $(STAMP)
+	$(BIN)/python -m scripts.fleet_demo $(FLEET_ARGS)
 
 install-systemd: $(STAMP)
 	bash deploy/install-systemd.sh $(PREFIX) $(UNIT_DIR)

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Install the Debian packages the tests and the bench use: curl and socat (the shell health
-# checks), nginx and wrk (the bench's independent client), systemd (the systemd tests).
+# checks), nginx and wrk (the bench's independent client), systemd (the systemd tests),
+# sshd (tests/test_fleet.py runs one Ansible host over a real SSH connection to 127.0.0.1).
 # As root it installs what is missing; otherwise it says what is missing and the tests that
 # need it skip with that reason.
 set -euo pipefail
-declare -A need=([curl]=curl [socat]=socat [nginx]=nginx-light [wrk]=wrk)
+declare -A need=([curl]=curl [socat]=socat [nginx]=nginx-light [wrk]=wrk [sshd]=openssh-server)
 [ -x /lib/systemd/systemd ] || need[systemd]=systemd
 missing=()
 for cmd in "${!need[@]}"; do
