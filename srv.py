@@ -27,6 +27,7 @@ import time
 _started = time.monotonic()  # load_seconds covers the whole import: Flask and the table
 
 import hashlib  # noqa: E402
+import itertools  # noqa: E402
 import os  # noqa: E402
 
 from flask import Flask, g, jsonify, request  # noqa: E402
@@ -206,8 +207,11 @@ if os.environ.get("SRV_TEST_ROUTES") == "1":
 
     @app.get("/scan")
     def scan():
-        """Read every entry once: the memory tests' worst case for sharing."""
+        """Read every entry once (or the first `limit`): the worst case for sharing."""
         source = data()
-        count = sum(1 for _ in (source.txn.cursor().iternext() if LIVE else
-                                source.table.items()))
+        entries = source.txn.cursor().iternext() if LIVE else iter(source.table.items())
+        limit = request.args.get("limit", "")
+        if limit.isdigit():
+            entries = itertools.islice(entries, int(limit))
+        count = sum(1 for _ in entries)
         return jsonify(scanned=count, worker_pid=os.getpid(), generation=generation())
