@@ -91,6 +91,14 @@ class Resource:
             out.write(self.body)
         os.replace(tmp, path)
 
+    def pairs(self) -> list[tuple[bytes, bytes]]:
+        """(term, tags) sorted by term, for the store modes (parsed once per run)."""
+        if not hasattr(self, "_pairs"):
+            lines = self.body.split(b"\n")
+            lines.sort()  # "\t" sorts before any term character: this sorts by term
+            self._pairs = [tuple(line.split(b"\t", 1)) for line in lines if line]
+        return self._pairs
+
     def sample_terms(self, count: int = 7) -> list[str]:
         lines = self.body[:4096].decode().splitlines()[:count]
         return [line.split("\t", 1)[0] for line in lines]
@@ -198,6 +206,9 @@ def run_mode(name: str, plan: Plan, resource: Resource, paths: list[str]) -> dic
         mode.prepare()
         releases = _stage_releases(workdir, resource, versions)
         os.replace(releases[0], mode.resource)
+        if mode.srv_mode == "store":
+            log(f"  building {len(versions)} stores")
+            mode.stage(resource.pairs(), versions)
         t0 = time.time()
         first = mode.start(versions[0])
         result["start_seconds"] = round(time.time() - t0, 3)
