@@ -38,6 +38,7 @@ from dataclasses import asdict
 from bench import report
 from bench.memory import MemorySampler
 from bench.modes import MODES, REPO, VENV_BIN, Hotswap, ModeError, Window, wait_until
+from hotswap import procs
 
 NGINX_MODE = "hotswap-nginx"
 ALL_MODES = [*MODES, NGINX_MODE]
@@ -106,6 +107,15 @@ class Resource:
 
 # -- load -----------------------------------------------------------------------------------
 
+def _catches_sigint(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            caught = next(line for line in handle if line.startswith("SigCgt:"))
+    except (OSError, StopIteration):
+        return True  # gone or unreadable: nothing to wait for
+    return bool(int(caught.split()[1], 16) & (1 << (signal.SIGINT - 1)))
+
+
 class LoadProcess:
     """bench/loadgen.py in a process of its own (its 32 threads then do not share a GIL with
     the harness that drives reloads and samples memory), stopped with SIGINT."""
@@ -123,7 +133,10 @@ class LoadProcess:
     def start(self) -> LoadProcess:
         self.proc = subprocess.Popen(self.argv, cwd=REPO, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True)
-        time.sleep(0.3)  # let it install its SIGINT handler (the try: around its wait loop)
+        # stop() sends SIGINT: wait until Python has installed its handler (SigCgt bit 2),
+        # which a busy machine can delay by seconds, then for the try: around its wait loop
+        procs.wait_until(lambda: _catches_sigint(self.proc.pid), 30)
+        time.sleep(0.3)
         return self
 
     def stop(self) -> list[dict]:
