@@ -29,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -124,9 +125,41 @@ class Instance:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    table = memory.cpu_table()
-    return sum(table[p][3] for p in pids if p in table) / memory.CLOCK_TICKS
+class CpuMeter:
+    """CPU seconds the instance's processes spend while it runs, sampled 10x/s so processes
+    that exit (the old generation of a reload) still count up to their last sample."""
+
+    def __init__(self, pids_fn) -> None:
+        self.pids_fn = pids_fn
+        self.first: dict[int, int] = {}
+        self.last: dict[int, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        table = memory.cpu_table()
+        for pid in self.pids_fn():
+            if pid in table:
+                self.first.setdefault(pid, table[pid][3])
+                self.last[pid] = table[pid][3]
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.1):
+            self._sample()
+
+    def __enter__(self) -> CpuMeter:
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._sample()
+
+    @property
+    def seconds(self) -> float:
+        return sum(self.last[p] - self.first[p] for p in self.last) / memory.CLOCK_TICKS
 
 
 def peak_pss(instance: Instance, action) -> tuple[object, float]:
@@ -182,7 +215,8 @@ def release(inst: Instance, app: str, new_store: str, row: Row, paths: list[str]
     load = LoadProcess(inst.socket, 32, paths, os.path.join(raw, "scale-release.jsonl"),
                        600).start()
     time.sleep(1.0)
-    cpu0, t0, wall0 = cpu_seconds(inst.pids()), time.monotonic(), time.time()
+    t0, wall0 = time.monotonic(), time.time()
+    meter = CpuMeter(inst.pids).__enter__()
 
     def act() -> None:
         if app == "store":
@@ -204,7 +238,8 @@ def release(inst: Instance, app: str, new_store: str, row: Row, paths: list[str]
     finally:
         row.release_s = round(time.monotonic() - t0, 3)
         wall1 = time.time()
-        row.release_cpu_s = round(cpu_seconds(inst.pids()) - cpu0, 2)
+        meter.__exit__()
+        row.release_cpu_s = round(meter.seconds, 2)
         time.sleep(1.0)
         records = load.stop()
     row.pss_after_release_mb = round(inst.pss_mb(), 1)
