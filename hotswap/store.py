@@ -29,6 +29,7 @@ import hashlib
 import itertools
 import json
 import os
+import sys
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
@@ -285,8 +286,6 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m hotswap.store validate PATH`: one JSON line (StoreInfo) on stdout, or one
     error line on stderr and exit 1. `hotswap refresh` runs it in a child process, so a
     store bad enough to crash LMDB kills the child, not the CLI."""
-    import sys
-
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 2 or args[0] != "validate":
         print("usage: python -m hotswap.store validate PATH", file=sys.stderr)
