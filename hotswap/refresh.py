@@ -162,10 +162,11 @@ def refresh(cfg: Config, path: str, timeout: float, show: Show) -> RefreshResult
         show("validated", at(), f"version {info.version}, {info.entries} entries, "
              f"{info.size_bytes / 1e6:.1f} MB, sha256 {info.sha256[:12]} in "
              f"{info.validate_seconds:.2f}s")
+        master = find_masters(cfg).live  # a /proc scan: not inside the timed switch
         store.point(old.pointer, info.path)
         signalled = signal_switch(cfg)
         show("switching", at(), f"{old.pointer} -> {os.path.basename(info.path)}; "
-             f"signalled the workers of master {find_masters(cfg).live}")
+             f"signalled the workers of master {master}")
         reports = wait_switched(cfg, info, timeout)
         if reports is None:
             return roll_back(cfg, old, info, at, timeout, show)
