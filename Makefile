@@ -5,12 +5,14 @@ BIN := $(VENV)/bin
 WHEELS := .wheels
 STAMP := $(VENV)/.installed
 RESOURCE := data/terms.tsv
+# the memory-mapped store srv.py serves by default (SRV_MODE=store), built from RESOURCE
+STORE := data/store/current
 # ~2M terms: the import takes about two seconds on a 2-core machine
 TERMS ?= 2000000
 PREFIX ?= /opt/hotswap
 UNIT_DIR ?= /etc/systemd/system
 
-.PHONY: run test venv deps-system lint bench install-systemd reload status stop clean fleet-demo
+.PHONY: run test venv deps-system lint bench bench-scale install-systemd reload status stop clean fleet-demo
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +30,10 @@ $(RESOURCE): | $(STAMP)
 deps-system:
 	bash scripts/install-system-deps.sh
 
-run: $(STAMP) $(RESOURCE)
+$(STORE): $(RESOURCE) | $(STAMP)
+	$(BIN)/python scripts/build_store.py $(RESOURCE) -o data/store --point --if-missing
+
+run: $(STAMP) $(RESOURCE) $(STORE)
 	$(BIN)/hotswap --ini srv.ini start
 
 reload status stop: $(STAMP)
@@ -47,6 +52,10 @@ bench: $(STAMP) deps-system
 # one that breaks on host2 (see scripts/fleet_demo.py)
 fleet-demo: $(STAMP)
 	$(BIN)/python -m scripts.fleet_demo $(FLEET_ARGS)
+
+# heap vs store across sizes and worker counts, and the per-worker alternatives (long)
+bench-scale: $(STAMP)
+	$(BIN)/python -m bench.scale
 
 install-systemd: $(STAMP)
 	bash deploy/install-systemd.sh $(PREFIX) $(UNIT_DIR)

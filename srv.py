@@ -1,12 +1,22 @@
 """The service that hotswap swaps: a Flask app whose heavy resource loads at import.
 
-The resource is a term -> tags table (see scripts/gen_resource.py). It is read, checked
-against the checksum in its header and parsed into memory at import time, in the uWSGI
-master, before any worker is forked: a release whose file is corrupt, truncated or missing
-raises here, so its master exits (need-app) and never takes traffic.
+The resource is a term -> tags table (see scripts/gen_resource.py), served in one of two
+modes, both checked at import time, in the uWSGI master, before any worker is forked: a
+release whose data is corrupt, truncated or missing raises here, so its master exits
+(need-app) and never takes traffic.
+
+- store (default): a memory-mapped LMDB store (scripts/build_store.py, hotswap/store.py),
+  validated with one full pass (which also warms the page cache) and closed again; each
+  worker maps it after the fork, and every process shares one copy of it through the page
+  cache. `hotswap refresh` switches the workers to a new store without new processes.
+- heap: the table is read, checked against its header's checksum and parsed into a dict;
+  workers share it copy-on-write until reference counting dirties the pages.
 
 Environment:
-    SRV_RESOURCE     path of the table (default: data/terms.tsv beside this file)
+    SRV_MODE         "store" (default) or "heap"
+    SRV_STORE        store mode: the symlink naming the current store
+                     (default: data/store/current beside this file)
+    SRV_RESOURCE     heap mode: path of the table (default: data/terms.tsv beside this file)
     SRV_TEST_ROUTES  "1" enables GET /sleep?seconds=S, used by drain tests and the bench
 """
 
@@ -17,12 +27,15 @@ import time
 _started = time.monotonic()  # load_seconds covers the whole import: Flask and the table
 
 import hashlib  # noqa: E402
+import itertools  # noqa: E402
 import os  # noqa: E402
 
-from flask import Flask, jsonify, request  # noqa: E402
+from flask import Flask, g, jsonify, request  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+MODE = os.environ.get("SRV_MODE") or "store"
 RESOURCE_PATH = os.environ.get("SRV_RESOURCE") or os.path.join(HERE, "data", "terms.tsv")
+STORE_POINTER = os.environ.get("SRV_STORE") or os.path.join(HERE, "data", "store", "current")
 HEADER_PREFIX = "# hotswap-resource v1 "
 MAX_TERM_LENGTH = 200
 MAX_SLEEP_SECONDS = 30.0
@@ -69,15 +82,62 @@ def load_resource(path: str) -> tuple[dict[str, str], dict[str, str]]:
     return header, table
 
 
-RESOURCE_HEADER, TERMS = load_resource(RESOURCE_PATH)
+class HeapTable:
+    """Heap mode: the whole table in a dict; the same interface as a store Snapshot."""
+
+    def __init__(self, path: str) -> None:
+        header, self.table = load_resource(path)
+        self.version = header["version"]
+        self.entries = len(self.table)
+
+    def get(self, term: str) -> str | None:
+        return self.table.get(term)
+
+
+if MODE == "heap":
+    HEAP: HeapTable | None = HeapTable(RESOURCE_PATH)
+    LIVE = None
+    STORE_FACTS: dict = {}
+    DATA_VERSION = HEAP.version
+elif MODE == "store":
+    from hotswap.live_store import LiveStore  # noqa: E402
+    from hotswap.store import StoreError  # noqa: E402
+
+    HEAP = None
+    LIVE = LiveStore(STORE_POINTER)
+    try:
+        _info = LIVE.validate_at_import()  # the full pass doubles as the warm pass
+    except StoreError as exc:
+        raise ResourceError(str(exc)) from exc
+    LIVE.install_uwsgi_hooks()
+    # the validation pass is the warm pass: every page is in the page cache after it
+    STORE_FACTS = {"warm_seconds": _info.validate_seconds}
+    DATA_VERSION = _info.version
+else:
+    raise ResourceError(f"SRV_MODE must be 'store' or 'heap', not {MODE!r}")
+
+CODE_VERSION = _code_version()
 LOAD_SECONDS = round(time.monotonic() - _started, 3)
 LOADED_AT = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-# The release id: which data and which code this generation serves.
-GENERATION = f"{RESOURCE_HEADER['version']}+{_code_version()}"
+# The release id at import: which data and which code this generation serves. In store
+# mode a refresh changes the data part: each answer carries the version it was served from.
+GENERATION = f"{DATA_VERSION}+{CODE_VERSION}"
 # Exported so the kit's accepting hook (a child of a worker) can report it to systemd.
 os.environ["HOTSWAP_GENERATION"] = GENERATION
 
 app = application = Flask(__name__)
+
+
+def data():
+    """The data this request reads, taken once per request: a refresh between two requests
+    never shows up in the middle of one."""
+    if "data" not in g:
+        g.data = HEAP if HEAP is not None else LIVE.current()
+    return g.data
+
+
+def generation() -> str:
+    return f"{data().version}+{CODE_VERSION}"
 
 
 def _error(status: int, message: str):
@@ -87,7 +147,7 @@ def _error(status: int, message: str):
 @app.after_request
 def _stamp(response):
     # Lets load tests and the bench attribute every answer to a generation.
-    response.headers["X-Generation"] = GENERATION
+    response.headers["X-Generation"] = generation()
     response.headers["X-Master-Pid"] = str(os.getppid())
     return response
 
@@ -108,11 +168,14 @@ def healthz():
         status="ok",
         master_pid=os.getppid(),
         worker_pid=os.getpid(),
-        generation=GENERATION,
-        resource_version=RESOURCE_HEADER["version"],
-        terms=len(TERMS),
+        generation=generation(),
+        resource_version=data().version,
+        terms=data().entries,
         loaded_at=LOADED_AT,
         load_seconds=LOAD_SECONDS,
+        mode=MODE,
+        **STORE_FACTS,
+        **({"store_path": data().path, "store_sha256": data().sha256} if LIVE else {}),
     )
 
 
@@ -123,10 +186,10 @@ def lookup():
         return _error(400, "missing query parameter q")
     if len(term) > MAX_TERM_LENGTH:
         return _error(400, f"q longer than {MAX_TERM_LENGTH} characters")
-    tags = TERMS.get(term)
+    tags = data().get(term)
     if tags is None:
         return _error(404, f"unknown term {term!r}")
-    return jsonify(term=term, tags=tags.split(","), generation=GENERATION)
+    return jsonify(term=term, tags=tags.split(","), generation=generation())
 
 
 if os.environ.get("SRV_TEST_ROUTES") == "1":
@@ -140,4 +203,15 @@ if os.environ.get("SRV_TEST_ROUTES") == "1":
         if not 0 <= seconds <= MAX_SLEEP_SECONDS:
             return _error(400, f"seconds must be within 0..{MAX_SLEEP_SECONDS:g}")
         time.sleep(seconds)
-        return jsonify(slept=seconds, worker_pid=os.getpid(), generation=GENERATION)
+        return jsonify(slept=seconds, worker_pid=os.getpid(), generation=generation())
+
+    @app.get("/scan")
+    def scan():
+        """Read every entry once (or the first `limit`): the worst case for sharing."""
+        source = data()
+        entries = source.txn.cursor().iternext() if LIVE else iter(source.table.items())
+        limit = request.args.get("limit", "")
+        if limit.isdigit():
+            entries = itertools.islice(entries, int(limit))
+        count = sum(1 for _ in entries)
+        return jsonify(scanned=count, worker_pid=os.getpid(), generation=generation())

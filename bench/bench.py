@@ -38,6 +38,7 @@ from dataclasses import asdict
 from bench import report
 from bench.memory import MemorySampler
 from bench.modes import MODES, REPO, VENV_BIN, Hotswap, ModeError, Window, wait_until
+from hotswap import procs
 
 NGINX_MODE = "hotswap-nginx"
 ALL_MODES = [*MODES, NGINX_MODE]
@@ -91,12 +92,29 @@ class Resource:
             out.write(self.body)
         os.replace(tmp, path)
 
+    def pairs(self) -> list[tuple[bytes, bytes]]:
+        """(term, tags) sorted by term, for the store modes (parsed once per run)."""
+        if not hasattr(self, "_pairs"):
+            lines = self.body.split(b"\n")
+            lines.sort()  # "\t" sorts before any term character: this sorts by term
+            self._pairs = [tuple(line.split(b"\t", 1)) for line in lines if line]
+        return self._pairs
+
     def sample_terms(self, count: int = 7) -> list[str]:
         lines = self.body[:4096].decode().splitlines()[:count]
         return [line.split("\t", 1)[0] for line in lines]
 
 
 # -- load -----------------------------------------------------------------------------------
+
+def _catches_sigint(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            caught = next(line for line in handle if line.startswith("SigCgt:"))
+    except (OSError, StopIteration):
+        return True  # gone or unreadable: nothing to wait for
+    return bool(int(caught.split()[1], 16) & (1 << (signal.SIGINT - 1)))
+
 
 class LoadProcess:
     """bench/loadgen.py in a process of its own (its 32 threads then do not share a GIL with
@@ -115,7 +133,10 @@ class LoadProcess:
     def start(self) -> LoadProcess:
         self.proc = subprocess.Popen(self.argv, cwd=REPO, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True)
-        time.sleep(0.3)  # let it install its SIGINT handler (the try: around its wait loop)
+        # stop() sends SIGINT: wait until Python has installed its handler (SigCgt bit 2),
+        # which a busy machine can delay by seconds, then for the try: around its wait loop
+        procs.wait_until(lambda: _catches_sigint(self.proc.pid), 30)
+        time.sleep(0.3)
         return self
 
     def stop(self) -> list[dict]:
@@ -198,6 +219,9 @@ def run_mode(name: str, plan: Plan, resource: Resource, paths: list[str]) -> dic
         mode.prepare()
         releases = _stage_releases(workdir, resource, versions)
         os.replace(releases[0], mode.resource)
+        if mode.srv_mode == "store":
+            log(f"  building {len(versions)} stores")
+            mode.stage(resource.pairs(), versions)
         t0 = time.time()
         first = mode.start(versions[0])
         result["start_seconds"] = round(time.time() - t0, 3)

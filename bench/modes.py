@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench import memory
-from hotswap import fifo, probe, procs, stats
+from hotswap import fifo, probe, procs, stats, store
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "bench", "configs")
@@ -108,6 +108,7 @@ class Mode:
     name = "base"
     title = "base"
     config: str | None = None  # file under bench/configs copied into the work dir
+    srv_mode = "heap"  # SRV_MODE for srv.py: the heap rows are the baseline
     start_timeout = 120.0
     reload_timeout = float(os.environ.get("BENCH_RELOAD_TIMEOUT", 180))
 
@@ -134,7 +135,7 @@ class Mode:
         proc = subprocess.Popen(
             argv, cwd=self.workdir, stdin=subprocess.DEVNULL, stdout=out,
             stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, **(env or {})},
+            env={**os.environ, "SRV_MODE": self.srv_mode, **(env or {})},
         )
         self.procs.append(proc)
         return proc
@@ -151,6 +152,9 @@ class Mode:
 
     def start(self, version: str) -> dict:
         raise NotImplementedError
+
+    def stage(self, pairs, versions: list[str]) -> None:
+        """Before any load: build what a release needs beyond data/terms.tsv (store modes)."""
 
     def reload(self, index: int, version: str) -> Window:
         raise NotImplementedError
@@ -468,6 +472,56 @@ class Hotswap(Mode):
             self._force_stop()
 
 
+class HotswapStore(Hotswap):
+    """`hotswap reload` with srv.py in store mode: each release is its own store file,
+    built before the load starts; a reload points data/store/current at it first."""
+
+    name = "hotswap-store"
+    title = "hotswap reload, store mode (LMDB)"
+    srv_mode = "store"
+
+    def store_path(self, version: str) -> str:
+        return os.path.join(self.workdir, "data", "store", store.store_file_name(version))
+
+    def stage(self, pairs, versions: list[str]) -> None:
+        for version in versions:
+            store.build(pairs, self.store_path(version), version)
+        store.point(os.path.join(self.workdir, "data", "store", "current"),
+                    self.store_path(versions[0]))
+
+    def reload(self, index: int, version: str) -> Window:
+        store.point(os.path.join(self.workdir, "data", "store", "current"),
+                    self.store_path(version))
+        return super().reload(index, version)
+
+
+class HotswapRefresh(HotswapStore):
+    """`hotswap refresh STORE`: a data-only release, the same processes."""
+
+    name = "hotswap-refresh"
+    title = "hotswap refresh, store mode (no new processes)"
+
+    def reload(self, index: int, version: str) -> Window:
+        start = time.time()
+        proc = subprocess.run(self.cli("refresh", self.store_path(version), "--json"),
+                              cwd=self.workdir, capture_output=True, text=True,
+                              timeout=self.reload_timeout)
+        end = time.time()
+        doc = health(self.socket) or {}
+        try:
+            cli = json.loads(proc.stdout)
+        except ValueError:
+            cli = {"stdout": proc.stdout[-2000:]}
+        ok = proc.returncode == 0 and doc.get("resource_version") == version
+        detail = "" if ok else f"refresh exit {proc.returncode}: {proc.stderr[-500:]}"
+        # "load" of a refresh = its validation pass; the rest is the switch and the CLI
+        return Window(index, start, end, ok, version, doc.get("generation", ""),
+                      cli.get("validate_seconds"), detail,
+                      {"cli_exit": proc.returncode, "cli_result": cli,
+                       "cli_seconds": round(end - start, 3)})
+
+
 MODES: dict[str, type[Mode]] = {
-    cls.name: cls for cls in (Hotswap, UwsgiGraceful, UwsgiChain, GunicornReexec, FullRestart)
+    cls.name: cls for cls in (Hotswap, HotswapStore, HotswapRefresh, UwsgiGraceful, UwsgiChain,
+                              GunicornReexec, FullRestart)
 }

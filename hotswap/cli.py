@@ -10,6 +10,7 @@ import click
 
 from . import config, notify, probe
 from . import instance as inst
+from . import refresh as data_refresh
 from .errors import MEANING, ExitCode, HotswapError
 from .reload import Phase, reload, write_last_reload
 from .supervisor import Supervisor
@@ -148,6 +149,37 @@ def reload_cmd(ctx: Context, timeout: float, drain_timeout: float, as_json: bool
     sys.exit(result.exit_code)
 
 
+@main.command(name="refresh", epilog=EXIT_CODES_HELP)
+@click.argument("store_path", metavar="STORE")
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
+              help="Seconds for validation, and again for every worker to switch.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@pass_context
+def refresh_cmd(ctx: Context, store_path: str, timeout: float, as_json: bool) -> None:
+    """Switch every worker to the data store STORE, without new processes (store mode).
+
+    Exit 1: STORE failed validation (the old store still serves); 2: no such file, or the
+    service is not in store mode; 5: a worker did not switch in time (switched back)."""
+    def show(phase: str, at: float, detail: str) -> None:
+        if not as_json:
+            click.echo(f"  [{at:7.2f}s] {phase:<12} {detail}")
+
+    result = data_refresh.refresh(ctx.cfg, store_path, timeout, show)
+    data_refresh.record(ctx.cfg, result)
+    if as_json:
+        click.echo(json.dumps(result.to_json(), indent=1))
+    elif result.ok:
+        for w in result.workers:
+            click.echo(f"worker pid {w.pid:<8} {w.old_version} -> {w.new_version}  "
+                       f"{w.after_signal_ms:.1f} ms after the signal")
+        click.echo(f"refresh ok in {result.seconds:.2f}s: {result.message} (validation "
+                   f"{result.validate_seconds:.2f}s, switch {result.switch_seconds * 1000:.1f} ms)")
+    else:
+        click.echo(f"hotswap: refresh FAILED after {result.seconds:.2f}s: {result.message}",
+                   err=True)
+    sys.exit(result.exit_code)
+
+
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
 @pass_context
@@ -177,8 +209,9 @@ def _format_status(report: dict) -> str:
     for pid in report["loading_master_pids"]:
         lines.append(f"loading     master {pid} (a release being imported)")
     for worker in report["workers"]:
+        store = f"  store {worker['store']}" if worker.get("store") else ""
         lines.append(f"worker {worker['id']:<4} pid {worker['pid']:<8} {worker['status']:<8} "
-                     f"{worker['requests']} requests")
+                     f"{worker['requests']} requests{store}")
     for name, info in report["fifos"].items():
         lines.append(f"fifo {name:<7} {info['state']:<10} {info['path']}")
     lines.append(f"socket      {report['socket']}")

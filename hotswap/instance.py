@@ -11,7 +11,7 @@ import signal
 import socket
 from pathlib import Path
 
-from . import fifo, probe, procs, record, stats
+from . import fifo, probe, procs, record, stats, store
 from .config import Config
 from .errors import ExitCode, HotswapError
 from .host import RealHost
@@ -151,7 +151,9 @@ def status(cfg: Config) -> dict:
         "loading_master_pids": masters.loading,
         "generation": health.get("generation") if health else None,
         "health": health,
-        "workers": stats.workers(document) if document else [],
+        # each worker's own report of the store it maps (None in heap mode)
+        "workers": store.annotate_workers(cfg.run_dir, stats.workers(document))
+        if document else [],
         "fifos": {
             name: {"path": str(path), "state": fifo_states[name].value}
             for name, path in (("live", cfg.fifo_live), ("standby", cfg.fifo_standby))

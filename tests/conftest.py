@@ -22,6 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from hotswap import probe, procs, stats  # noqa: E402
+from scripts.build_store import main as build_store  # noqa: E402
 from scripts.gen_resource import write_resource  # noqa: E402
 
 TEST_TERMS = 50_000
@@ -41,10 +42,14 @@ with open(_os.path.join(_here, "release.go")) as _gate:
 
 
 class Service:
-    """One isolated hotswap instance under a temp folder."""
+    """One isolated hotswap instance under a temp folder.
 
-    def __init__(self, root: Path) -> None:
+    mode "heap" (SRV_MODE=heap: the table in each process's heap) or "store" (the
+    memory-mapped store srv.py serves by default, built from the same table)."""
+
+    def __init__(self, root: Path, mode: str = "heap") -> None:
         self.root = root
+        self.mode = mode
         shutil.copy(REPO / "srv.py", root / "srv.py")
         shutil.copy(REPO / "srv.ini", root / "srv.ini")
         self.ini = root / "srv.ini"
@@ -58,8 +63,22 @@ class Service:
 
     # -- releases -------------------------------------------------------------------
     def release(self, version: str, terms: int = TEST_TERMS) -> None:
-        """Deploy a new data release (same code)."""
+        """Deploy a new data release (same code); in store mode also build its store and
+        point data/store/current at it (what the next reload or start serves)."""
         write_resource(str(self.root / "data" / "terms.tsv"), terms, seed=7, version=version)
+        if self.mode == "store":
+            self.build_store(version, point=True)
+
+    def build_store(self, version: str, point: bool = False) -> Path:
+        """Build data/store/terms-VERSION.lmdb from data/terms.tsv; returns its path."""
+        args = [str(self.root / "data" / "terms.tsv"), "-o", str(self.store_dir),
+                "--version", version, "--if-missing"]
+        assert build_store([*args, "--point"] if point else args) == 0
+        return self.store_dir / f"terms-{version}.lmdb"
+
+    @property
+    def store_dir(self) -> Path:
+        return self.root / "data" / "store"
 
     def release_code(self, source: str) -> None:
         (self.root / "srv.py").write_text(source)
@@ -127,7 +146,7 @@ class Service:
         return bool(workers) and all(w["accepting"] for w in workers)
 
     def start(self, test_routes: bool = True) -> dict:
-        env = dict(os.environ)
+        env = dict(os.environ, SRV_MODE=self.mode)
         if test_routes:
             env["SRV_TEST_ROUTES"] = "1"
         self.supervisor = subprocess.Popen(

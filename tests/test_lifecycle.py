@@ -172,6 +172,7 @@ def test_two_starts_at_once_make_one_instance(service: Service):
         subprocess.Popen(
             [sys.executable, "-m", "hotswap", "--ini", str(service.ini), "start"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+            env=dict(os.environ, SRV_MODE=service.mode),
         )
         for _ in range(2)
     ]

@@ -90,7 +90,9 @@ def deployment():
         # would add any local setting; the unit itself stays as installed.
         dropin = unit_dir / f"{UNIT}.d"
         dropin.mkdir()
-        (dropin / "test-routes.conf").write_text("[Service]\nEnvironment=SRV_TEST_ROUTES=1\n")
+        # these tests release heap tables (data/terms.tsv); test_store.py covers store mode
+        (dropin / "test-routes.conf").write_text(
+            "[Service]\nEnvironment=SRV_TEST_ROUTES=1\nEnvironment=SRV_MODE=heap\n")
         yield deployment
     finally:
         shutil.rmtree(prefix, ignore_errors=True)

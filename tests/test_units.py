@@ -83,6 +83,7 @@ def srv_module(tmp_path: Path, monkeypatch):
     resource = tmp_path / "terms.tsv"
     write_resource(str(resource), 1000, seed=1, version="unit")
     monkeypatch.setenv("SRV_RESOURCE", str(resource))
+    monkeypatch.setenv("SRV_MODE", "heap")
     sys.modules.pop("srv", None)
     module = importlib.import_module("srv")
     yield module
@@ -110,7 +111,7 @@ def test_routes_answer_json_and_4xx_for_bad_input(srv_module):
     health = client.get("/healthz").get_json()
     assert health["status"] == "ok" and health["generation"].startswith("unit+")
     assert {"master_pid", "worker_pid", "loaded_at", "load_seconds"} <= set(health)
-    term = next(iter(srv_module.TERMS))
+    term = next(iter(srv_module.HEAP.table))
     found = client.get(f"/lookup?q={term}")
     assert found.status_code == 200 and found.get_json()["term"] == term
     for url, status in [("/lookup", 400), ("/lookup?q=", 400), ("/lookup?q=" + "x" * 300, 400),
