@@ -3,7 +3,25 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+
+@contextmanager
+def beside(path: os.PathLike | str) -> Iterator[str]:
+    """A temporary name beside `path` for the caller to write and then os.replace() over it;
+    removed if the block fails, so no half-written file is ever left (one place for the
+    pattern: the state files below, the data stores of store.py)."""
+    tmp = f"{os.fspath(path)}.tmp.{os.getpid()}"
+    try:
+        yield tmp
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
 
 
 def atomic_write(path: os.PathLike | str, text: str, owner_of: Path | None = None) -> None:
@@ -12,19 +30,12 @@ def atomic_write(path: os.PathLike | str, text: str, owner_of: Path | None = Non
     With `owner_of` (a folder), a file root creates there is handed to that folder's owner,
     so the service user (systemd's ExecReload runs as it) can replace it later.
     """
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
+    with beside(path) as tmp:
         with open(tmp, "w") as handle:
             handle.write(text)
         if owner_of is not None:
             give_to_owner_of(tmp, owner_of)
         os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def give_to_owner_of(path: os.PathLike | str, folder: Path) -> None:

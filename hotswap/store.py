@@ -187,9 +187,8 @@ def build(pairs: Iterable[tuple[bytes, bytes]], output: str | os.PathLike, versi
     if os.path.exists(output):
         raise FileExistsError(f"{output} exists; a store is never rewritten (new version?)")
     os.makedirs(os.path.dirname(os.path.abspath(output)) or ".", exist_ok=True)
-    tmp = f"{output}.tmp.{os.getpid()}"
     pairs = iter(pairs)
-    try:
+    with files.beside(output) as tmp:
         # sync=False while writing, one fsync at the end: the rename is the commit point.
         env = lmdb.open(tmp, subdir=False, map_size=1 << 40, lock=False, max_dbs=2,
                         sync=False, metasync=False)
@@ -203,12 +202,6 @@ def build(pairs: Iterable[tuple[bytes, bytes]], output: str | os.PathLike, versi
         finally:
             env.close()
         os.replace(tmp, output)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
     return digest
 
 
