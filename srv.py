@@ -29,8 +29,11 @@ _started = time.monotonic()  # load_seconds covers the whole import: Flask and t
 import hashlib  # noqa: E402
 import itertools  # noqa: E402
 import os  # noqa: E402
+from urllib.parse import quote  # noqa: E402
 
 from flask import Flask, g, jsonify, request  # noqa: E402
+
+from hotswap import wsgi  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODE = os.environ.get("SRV_MODE") or "store"
@@ -117,13 +120,6 @@ else:
     raise ResourceError(f"SRV_MODE must be 'store' or 'heap', not {MODE!r}")
 
 CODE_VERSION = _code_version()
-LOAD_SECONDS = round(time.monotonic() - _started, 3)
-LOADED_AT = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-# The release id at import: which data and which code this generation serves. In store
-# mode a refresh changes the data part: each answer carries the version it was served from.
-GENERATION = f"{DATA_VERSION}+{CODE_VERSION}"
-# Exported so the kit's accepting hook (a child of a worker) can report it to systemd.
-os.environ["HOTSWAP_GENERATION"] = GENERATION
 
 app = application = Flask(__name__)
 
@@ -137,7 +133,14 @@ def data():
 
 
 def generation() -> str:
+    """The release id: which data and which code serve this request. In store mode a
+    refresh changes the data part: each answer carries the version it was served from."""
     return f"{data().version}+{CODE_VERSION}"
+
+
+def _source():
+    """The data outside a request (the kit's health path, the smoke checks)."""
+    return HEAP if HEAP is not None else LIVE.current()
 
 
 def _error(status: int, message: str):
@@ -146,9 +149,9 @@ def _error(status: int, message: str):
 
 @app.after_request
 def _stamp(response):
-    # Lets load tests and the bench attribute every answer to a generation.
+    # The version this request was served from (the kit's middleware adds X-Master-Pid, and
+    # would add the generation of the moment, not of this request's snapshot).
     response.headers["X-Generation"] = generation()
-    response.headers["X-Master-Pid"] = str(os.getppid())
     return response
 
 
@@ -160,23 +163,6 @@ def _not_found(_exc):
 @app.errorhandler(405)
 def _bad_method(_exc):
     return _error(405, "method not allowed")
-
-
-@app.get("/healthz")
-def healthz():
-    return jsonify(
-        status="ok",
-        master_pid=os.getppid(),
-        worker_pid=os.getpid(),
-        generation=generation(),
-        resource_version=data().version,
-        terms=data().entries,
-        loaded_at=LOADED_AT,
-        load_seconds=LOAD_SECONDS,
-        mode=MODE,
-        **STORE_FACTS,
-        **({"store_path": data().path, "store_sha256": data().sha256} if LIVE else {}),
-    )
 
 
 @app.get("/lookup")
@@ -215,3 +201,37 @@ if os.environ.get("SRV_TEST_ROUTES") == "1":
             entries = itertools.islice(entries, int(limit))
         count = sum(1 for _ in entries)
         return jsonify(scanned=count, worker_pid=os.getpid(), generation=generation())
+
+
+def _health() -> dict:
+    """The sample's fields beside the kit's (hotswap/wsgi.py): one snapshot for all."""
+    source = _source()
+    return {
+        "generation": f"{source.version}+{CODE_VERSION}",
+        "resource_version": source.version,
+        "terms": source.entries,
+        "mode": MODE,
+        **STORE_FACTS,
+        **({"store_path": source.path, "store_sha256": source.sha256} if LIVE else {}),
+    }
+
+
+def _known_term() -> str:
+    source = _source()
+    if HEAP is not None:
+        return next(iter(HEAP.table))
+    return source.txn.cursor().iternext(values=False).__next__().decode()
+
+
+# The kit's middleware: the health path, X-Master-Pid, and a smoke lookup of a term the data
+# holds, run here in the master before any worker forks: a release that imports but cannot
+# answer fails its import, and never serves.
+app.wsgi_app = wsgi.wrap(
+    app.wsgi_app,
+    generation=lambda: f"{_source().version}+{CODE_VERSION}",
+    health=_health,
+    smoke=[wsgi.Smoke(f"/lookup?q={quote(_known_term())}", 200)],
+    started=_started,
+)
+if LIVE is not None:
+    LIVE.close()  # the smoke lookup mapped the store here: an LMDB env must not cross fork()

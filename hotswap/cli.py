@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from . import config, notify, probe
+from . import checks, config, notify, probe
 from . import instance as inst
 from . import refresh as data_refresh
 from .errors import MEANING, ExitCode, HotswapError
@@ -84,6 +84,7 @@ def main(ctx: click.Context, ini: str) -> None:
 def start(ctx: Context, exec_mode: bool | None) -> None:
     """Run the service in the foreground (what systemd's ExecStart runs)."""
     cfg = ctx.cfg
+    checks.refuse_unsafe(cfg)
     lock_fd, removed = inst.prepare_start(cfg)
     for path in removed:
         click.echo(f"hotswap: removed stale {path}", err=True)
@@ -198,7 +199,7 @@ def _format_status(report: dict) -> str:
     if report["running"]:
         health = report["health"] or {}
         lines.append(f"running     master {report['master_pid']}, generation "
-                     f"{report['generation'] or '? (no /healthz answer)'}")
+                     f"{report['generation'] or '? (no answer on the health path)'}")
         if health:
             lines.append(f"loaded      {health.get('loaded_at')} in {health.get('load_seconds')}s")
     else:
@@ -226,20 +227,22 @@ def _format_status(report: dict) -> str:
 
 
 @main.command(name="probe")
-@click.option("--path", default="/healthz", show_default=True)
+@click.option("--path", default=None, help="Path to GET (default: the ini's health path, "
+              "hotswap-health, else /healthz).")
 @click.option("--timeout", type=click.FloatRange(min=0.01), default=5.0, show_default=True)
 @click.option("--expect-status", type=click.IntRange(100, 599), default=200, show_default=True)
 @click.option("--socket", "socket_path", type=click.Path(dir_okay=False),
               help="Unix socket to probe (default: http-socket from the ini).")
 @pass_context
-def probe_cmd(ctx: Context, path: str, timeout: float, expect_status: int,
+def probe_cmd(ctx: Context, path: str | None, timeout: float, expect_status: int,
               socket_path: str | None) -> None:
     """GET PATH over the unix socket; exit 0 OK, 1 wrong status, 2 no answer, 3 unknown."""
-    if not path.startswith("/"):
+    if path is not None and not path.startswith("/"):
         click.echo(f"hotswap probe: UNKNOWN - path must start with '/': {path!r}", err=True)
         sys.exit(PROBE_UNKNOWN)
     try:
         target = socket_path or str(ctx.cfg.http_socket)
+        path = path or ctx.cfg.health_path
     except HotswapError as error:
         click.echo(f"hotswap probe: UNKNOWN - {error.message}", err=True)
         sys.exit(PROBE_UNKNOWN)

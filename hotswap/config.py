@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ExitCode, HotswapError
+from .wsgi import DEFAULT_HEALTH_PATH, HEALTH_PATH_KEY
 
 # srv.ini key -> Config field. Custom keys (run_dir, fifo_*) are srv.ini placeholders.
 REQUIRED_KEYS = {
@@ -26,6 +27,14 @@ REQUIRED_KEYS = {
     "http-socket": "http_socket",
     "logto": "log_file",
 }
+# srv.ini key -> Config field, for keys with a default (the field's default when unset).
+OPTIONAL_KEYS = {
+    HEALTH_PATH_KEY: "health_path",
+}
+# `--get` prints nothing for an unset key and only the first value of a repeated one: a
+# placeholder of our own between two keys' answers tells them apart in one call.
+SEPARATOR_KEY = "hotswap-get-separator"
+SEPARATOR = "--hotswap-get-separator--"
 
 
 @dataclass(frozen=True)
@@ -39,6 +48,7 @@ class Config:
     stats_socket: Path
     http_socket: Path
     log_file: Path
+    health_path: str = DEFAULT_HEALTH_PATH  # what reload, status and probe GET (hotswap/wsgi.py)
 
     @property
     def lock_file(self) -> Path:
@@ -62,10 +72,9 @@ def find_uwsgi() -> Path:
     return Path(found)
 
 
-def _uwsgi_get(uwsgi: Path, ini: Path, keys: list[str]) -> list[str]:
-    args = [str(uwsgi), "--ini", str(ini)]
-    for key in keys:
-        args += ["--get", key]
+def _uwsgi_output(uwsgi: Path, ini: Path, extra: list[str]) -> str:
+    """stdout of `uwsgi --ini INI EXTRA...` (a --get or --version call: it exits at once)."""
+    args = [str(uwsgi), "--ini", str(ini), *extra]
     # uWSGI sends "STATUS=initializing uWSGI" to $NOTIFY_SOCKET even for --get, which
     # would overwrite the unit's status line each time the CLI reads its config.
     env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
@@ -78,7 +87,28 @@ def _uwsgi_get(uwsgi: Path, ini: Path, keys: list[str]) -> list[str]:
     if done.returncode != 0:
         detail = (done.stderr.strip().splitlines() or ["no detail"])[-1]
         raise HotswapError(f"uwsgi cannot parse {ini}: {detail}", ExitCode.CONFIG)
-    return [line for line in done.stdout.splitlines() if line.strip()]
+    return done.stdout
+
+
+def _uwsgi_get(uwsgi: Path, ini: Path, keys: list[str]) -> list[str]:
+    extra = [arg for key in keys for arg in ("--get", key)]
+    return [line for line in _uwsgi_output(uwsgi, ini, extra).splitlines() if line.strip()]
+
+
+def read_values(uwsgi: Path, ini: Path, keys: list[str]) -> dict[str, str | None]:
+    """Each key's value as uWSGI sees it (placeholders expanded), None when unset; one call.
+    A repeated key gives its first value."""
+    extra = ["--set-placeholder", f"{SEPARATOR_KEY}={SEPARATOR}"]
+    for key in keys:
+        extra += ["--get", key, "--get", SEPARATOR_KEY]
+    answers: list[list[str]] = [[]]
+    for line in _uwsgi_output(uwsgi, ini, extra).splitlines():
+        if line == SEPARATOR:
+            answers.append([])
+        else:
+            answers[-1].append(line)
+    return {key: (answer[0] if answer else None)
+            for key, answer in zip(keys, answers, strict=False)}
 
 
 def load(ini: str | os.PathLike) -> Config:
@@ -91,14 +121,13 @@ def load(ini: str | os.PathLike) -> Config:
     if not os.access(ini_path, os.R_OK):
         raise HotswapError(f"cannot read {ini_path}: permission denied", ExitCode.CONFIG)
     uwsgi = find_uwsgi()
-    keys = list(REQUIRED_KEYS)
-    values = _uwsgi_get(uwsgi, ini_path, keys)
-    if len(values) != len(keys):
-        # `--get` prints nothing for a missing key: ask one by one to name it.
-        missing = [key for key in keys if not _uwsgi_get(uwsgi, ini_path, [key])]
+    values = read_values(uwsgi, ini_path, [*REQUIRED_KEYS, *OPTIONAL_KEYS])
+    missing = [key for key in REQUIRED_KEYS if not values[key]]
+    if missing:
         raise HotswapError(
             f"{ini_path} does not set {', '.join(missing)} (see the srv.ini shipped with hotswap)",
             ExitCode.CONFIG,
         )
-    fields = {REQUIRED_KEYS[key]: Path(value) for key, value in zip(keys, values, strict=True)}
+    fields: dict = {field: Path(values[key]) for key, field in REQUIRED_KEYS.items()}
+    fields.update({field: values[key] for key, field in OPTIONAL_KEYS.items() if values[key]})
     return Config(ini=ini_path, uwsgi=uwsgi, **fields)

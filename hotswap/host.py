@@ -193,7 +193,7 @@ class RealHost:
         return uwsgilog.read_since(self.cfg.log_file, mark)
 
     def healthz(self, timeout: float) -> dict | None:
-        return probe.healthz(self.cfg.http_socket, timeout=timeout)
+        return probe.healthz(self.cfg.http_socket, timeout=timeout, path=self.cfg.health_path)
 
     def stats(self) -> dict | None:
         return stats.read(self.cfg.stats_socket)

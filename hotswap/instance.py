@@ -134,7 +134,7 @@ def status(cfg: Config) -> dict:
     masters = find_masters(cfg)
     handover = record.read(cfg.run_dir)
     master = masters.live
-    health = probe.healthz(cfg.http_socket, timeout=2.0) if master else None
+    health = probe.healthz(cfg.http_socket, timeout=2.0, path=cfg.health_path) if master else None
     document = stats.read(cfg.stats_socket) if master else None
     try:
         last_reload = json.loads(cfg.last_reload_file.read_text())

@@ -95,6 +95,13 @@ class LiveStore:
         assert snap is not None
         return snap
 
+    def close(self) -> None:
+        """Close this process's snapshot (the master's, after a smoke request mapped it):
+        the workers forked next must not inherit an open LMDB environment."""
+        snap, self._snapshot = self._snapshot, None
+        if snap is not None and snap.pid == os.getpid():
+            snap.close()
+
     def follow_pointer(self) -> None:
         """Map the store the pointer names now, if it is not the one mapped; report it."""
         target = os.path.realpath(self.pointer)

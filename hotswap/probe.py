@@ -9,6 +9,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .wsgi import DEFAULT_HEALTH_PATH
+
 
 class UnixHTTPConnection(http.client.HTTPConnection):
     def __init__(self, socket_path: str | Path, timeout: float) -> None:
@@ -36,7 +38,7 @@ class Answer:
         return json.loads(self.body)
 
 
-def get(socket_path: str | Path, path: str = "/healthz", timeout: float = 5.0) -> Answer:
+def get(socket_path: str | Path, path: str = DEFAULT_HEALTH_PATH, timeout: float = 5.0) -> Answer:
     """GET `path` over the unix socket. Raises OSError (incl. TimeoutError) on failure."""
     started = time.perf_counter()
     conn = UnixHTTPConnection(socket_path, timeout)
@@ -51,16 +53,18 @@ def get(socket_path: str | Path, path: str = "/healthz", timeout: float = 5.0) -
     return Answer(response.status, body, time.perf_counter() - started)
 
 
-def healthz(socket_path: str | Path, timeout: float = 5.0) -> dict | None:
-    """The /healthz document, or None if the service does not answer 200 with JSON."""
+def healthz(socket_path: str | Path, timeout: float = 5.0,
+            path: str = DEFAULT_HEALTH_PATH) -> dict | None:
+    """The health document (hotswap/wsgi.py) at `path` (the ini's health path, Config.
+    health_path), or None if the service does not answer 200 with JSON."""
     try:
-        answer = get(socket_path, "/healthz", timeout)
+        answer = get(socket_path, path, timeout)
         return answer.json() if answer.status == 200 else None
     except (OSError, ValueError):
         return None
 
 
 def from_master(health: dict | None, master: int | None) -> dict | None:
-    """`health` if it is an answer from a worker of `master` (the one test of "does /healthz
-    answer from master X" that the reload, its rollback and the tests share)."""
+    """`health` if it is an answer from a worker of `master` (the one test of "does the health
+    path answer from master X" that the reload, its rollback and the tests share)."""
     return health if health and master and health.get("master_pid") == master else None

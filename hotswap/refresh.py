@@ -33,7 +33,7 @@ from .lock import reload_lock
 
 # An idle worker waiting for uWSGI's thunder lock (srv.ini: thunder-lock) cannot read its
 # signal until the lock holder lets go, which an idle holder only does after a request: while
-# some worker has not reported, a /healthz every NUDGE_INTERVAL moves the lock on.
+# some worker has not reported, a health request every NUDGE_INTERVAL moves the lock on.
 NUDGE_INTERVAL = 0.01
 # Reading the stats socket costs the master work; the worker set changes rarely.
 STATS_INTERVAL = 0.1
@@ -131,7 +131,7 @@ def wait_switched(cfg: Config, info: store.StoreInfo, timeout: float
             if switched(pids):
                 return store.read_reports(cfg.run_dir, pids)
         if time.monotonic() - last_nudge > NUDGE_INTERVAL:
-            probe.healthz(cfg.http_socket, timeout=1.0)
+            probe.healthz(cfg.http_socket, timeout=1.0, path=cfg.health_path)
             last_nudge = time.monotonic()
         return None
 

@@ -16,7 +16,7 @@ LOADING     wait for the new generation's hand-over (handover.py) to commit: the
             hook is about to write "q" to the old master, recorded before it does.
 RETIRING    the old master drains its in-flight requests and exits (own budget: --drain);
             an interrupt from here on is noted, and the swap finishes.
-VERIFYING   /healthz answers from the new master; every worker accepts.
+VERIFYING   the health path answers from the new master; every worker accepts.
 ROLLING_BACK  abort the hand-over (under the record lock, so it cannot commit meanwhile), kill
             the new generation, which has served nothing, and give the old master its FIFO.
 
@@ -259,7 +259,7 @@ class ToCommit(Swap):
         if not self._answers_from(result.old_master):
             return self.end(ExitCode.INCONSISTENT,
                             f"{message}; and the old generation (master {result.old_master}) "
-                            "does not answer /healthz either: see `hotswap status`")
+                            "does not answer on the health path either: see `hotswap status`")
         return self.end(failure.code, message, rolled_back=True)
 
 
@@ -328,7 +328,8 @@ class Reload(ToCommit):
         health = self._answers_from(result.new_master)
         if not health:
             return self.end(ExitCode.INCONSISTENT,
-                            f"/healthz does not answer from new master {result.new_master}")
+                            f"the health path does not answer from new master "
+                            f"{result.new_master} (200 with its master_pid)")
         result.new_generation = health.get("generation", result.new_generation)
         accepting = wait(host, self._all_workers_accepting, VERIFY_TIMEOUT)
         if not accepting:
@@ -336,7 +337,7 @@ class Reload(ToCommit):
         if not host.alive(result.old_master):
             # A retired master re-creates its FIFO on the way out (uwsgi#1492): clear it.
             host.remove_stale(Slot.STANDBY)
-        self.enter(Phase.DONE, f"/healthz answers from master {result.new_master}, "
+        self.enter(Phase.DONE, f"health path answers from master {result.new_master}, "
                                f"{accepting or '?'} workers accepting")
         return self.end(ExitCode.OK, f"generation {result.old_generation or '?'} (master "
                                      f"{result.old_master}) -> {result.new_generation} (master "

@@ -1,0 +1,73 @@
+"""The uWSGI entry point of a project set up by `hotswap init`: `module = hotswap.entry`.
+
+It imports the app srv.ini names in `hotswap-app` ("package.module:callable", or
+"package.module:factory()" for an application factory, called with no arguments), wraps
+it in the kit's middleware (hotswap/wsgi.py: health path, smoke checks, headers) and
+exposes it as `application`. The user's module is not edited; it may optionally define
+
+    hotswap_generation   a str, or a callable returning one (default: a digest of the
+                         package's Python sources)
+    hotswap_health       a callable returning a dict of extra health fields; raising makes
+                         the health path answer 503 (the app's own readiness check)
+    hotswap_smoke        smoke requests of its own ("GET /path -> 200 | ..."), beside
+                         srv.ini's `hotswap-smoke`
+
+Importing runs in the uWSGI master (no lazy-apps), before the workers fork: an exception
+here, a failed smoke check included, fails the import, and `need-app` stops the release.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+
+_started = time.monotonic()  # load_seconds covers the app's whole import
+
+from . import wsgi  # noqa: E402
+
+APP_KEY = "hotswap-app"
+
+
+class EntryError(RuntimeError):
+    """srv.ini does not name an importable WSGI callable."""
+
+
+def parse_target(spec: str) -> tuple[str, str, bool]:
+    """'pkg.mod:name' or 'pkg.mod:factory()' -> (module, attribute, call it)."""
+    module, sep, attr = spec.strip().partition(":")
+    attr = attr or "application"
+    factory = attr.endswith("()")
+    attr = attr.removesuffix("()")
+    names_ok = all(p.isidentifier() for p in module.split(".")) and attr.isidentifier()
+    if not module or (sep and not attr) or not names_ok:
+        raise EntryError(f"{APP_KEY} = {spec!r}: expected package.module:callable "
+                         "or package.module:factory()")
+    return module, attr, factory
+
+
+def load(spec: str) -> wsgi.WsgiApp:
+    module_name, attr, factory = parse_target(spec)
+    module = importlib.import_module(module_name)
+    target = getattr(module, attr, None)
+    if target is None:
+        raise EntryError(f"{APP_KEY} = {spec!r}: module {module_name} has no {attr!r}")
+    app = target() if factory else target
+    if not callable(app):
+        raise EntryError(f"{APP_KEY} = {spec!r}: {attr} is not a WSGI callable")
+    if isinstance(app, wsgi.Middleware) or isinstance(getattr(app, "wsgi_app", None),
+                                                      wsgi.Middleware):
+        return app  # the app wraps itself (as srv.py does): wrap once
+    return wsgi.wrap(
+        app,
+        generation=getattr(module, "hotswap_generation", None)
+        or wsgi.source_digest(module.__file__),
+        health=getattr(module, "hotswap_health", None),
+        smoke=wsgi.parse_smoke(getattr(module, "hotswap_smoke", "")),
+        started=_started,
+    )
+
+
+_spec = wsgi.ini_option(APP_KEY)
+if not _spec:
+    raise EntryError(f"srv.ini does not set {APP_KEY} = package.module:callable")
+application = load(_spec)
