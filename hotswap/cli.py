@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 
 import click
 
-from . import checks, config, notify, probe
+from . import checks, config, notify, probe, scaffold
 from . import instance as inst
 from . import refresh as data_refresh
 from .errors import MEANING, ExitCode, HotswapError
@@ -274,3 +275,22 @@ def stop(ctx: Context, timeout: float) -> None:
 def recover(ctx: Context) -> None:
     """Repair what an interrupted swap left (`reload` does it too, before it forks)."""
     click.echo(inst.recover(ctx.cfg))
+
+
+@main.command()
+@click.option("--app", "app", required=True, metavar="MODULE:CALLABLE",
+              help="The WSGI app to serve: package.module:callable, or "
+              "package.module:factory() for an application factory.")
+@click.option("--dir", "project", default=".", show_default=True,
+              type=click.Path(file_okay=False), help="The project folder.")
+@click.option("--user", help="The service user of the systemd unit (default: you).")
+@click.option("--force", is_flag=True, help="Overwrite an existing srv.ini / hotswap.service.")
+def init(app: str, project: str, user: str | None, force: bool) -> None:
+    """Write srv.ini (the kit's settings, serving APP) and hotswap.service into a project."""
+    written = scaffold.init(Path(project), app, user, force)
+    for path in written.paths:
+        click.echo(f"wrote {path}")
+    for warning in written.warnings:
+        click.echo(f"hotswap: warning: {warning}", err=True)
+    ini = written.paths[0]
+    click.echo(f"next: hotswap --ini {ini} start   (then `reload` for each new release)")

@@ -25,35 +25,16 @@ _started = time.monotonic()  # load_seconds covers the app's whole import
 
 from . import wsgi  # noqa: E402
 
-APP_KEY = "hotswap-app"
-
-
-class EntryError(RuntimeError):
-    """srv.ini does not name an importable WSGI callable."""
-
-
-def parse_target(spec: str) -> tuple[str, str, bool]:
-    """'pkg.mod:name' or 'pkg.mod:factory()' -> (module, attribute, call it)."""
-    module, sep, attr = spec.strip().partition(":")
-    attr = attr or "application"
-    factory = attr.endswith("()")
-    attr = attr.removesuffix("()")
-    names_ok = all(p.isidentifier() for p in module.split(".")) and attr.isidentifier()
-    if not module or (sep and not attr) or not names_ok:
-        raise EntryError(f"{APP_KEY} = {spec!r}: expected package.module:callable "
-                         "or package.module:factory()")
-    return module, attr, factory
-
 
 def load(spec: str) -> wsgi.WsgiApp:
-    module_name, attr, factory = parse_target(spec)
+    module_name, attr, factory = wsgi.parse_target(spec)
     module = importlib.import_module(module_name)
     target = getattr(module, attr, None)
     if target is None:
-        raise EntryError(f"{APP_KEY} = {spec!r}: module {module_name} has no {attr!r}")
+        raise wsgi.EntryError(f"{wsgi.APP_KEY} = {spec!r}: {module_name} has no {attr!r}")
     app = target() if factory else target
     if not callable(app):
-        raise EntryError(f"{APP_KEY} = {spec!r}: {attr} is not a WSGI callable")
+        raise wsgi.EntryError(f"{wsgi.APP_KEY} = {spec!r}: {attr} is no WSGI callable")
     if isinstance(app, wsgi.Middleware) or isinstance(getattr(app, "wsgi_app", None),
                                                       wsgi.Middleware):
         return app  # the app wraps itself (as srv.py does): wrap once
@@ -67,7 +48,7 @@ def load(spec: str) -> wsgi.WsgiApp:
     )
 
 
-_spec = wsgi.ini_option(APP_KEY)
+_spec = wsgi.ini_option(wsgi.APP_KEY)
 if not _spec:
-    raise EntryError(f"srv.ini does not set {APP_KEY} = package.module:callable")
+    raise wsgi.EntryError(f"srv.ini does not set {wsgi.APP_KEY} = package.module:callable")
 application = load(_spec)

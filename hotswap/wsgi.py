@@ -42,11 +42,29 @@ from urllib.parse import unquote
 # `uwsgi --get` both see them). config.py reads the same keys for the CLI.
 HEALTH_PATH_KEY = "hotswap-health"
 SMOKE_KEY = "hotswap-smoke"
+APP_KEY = "hotswap-app"  # what hotswap/entry.py serves (an ini `hotswap init` wrote)
 DEFAULT_HEALTH_PATH = "/healthz"
 # uWSGI keeps only the last value of a repeated custom key: several checks share one line.
 SMOKE_SEPARATOR = "|"
 
 WsgiApp = Callable[..., Iterable[bytes]]
+
+
+class EntryError(RuntimeError):
+    """srv.ini does not name an importable WSGI callable."""
+
+
+def parse_target(spec: str) -> tuple[str, str, bool]:
+    """'pkg.mod:name' or 'pkg.mod:factory()' -> (module, attribute, call it)."""
+    module, sep, attr = spec.strip().partition(":")
+    attr = attr or "application"
+    factory = attr.endswith("()")
+    attr = attr.removesuffix("()")
+    names_ok = all(p.isidentifier() for p in module.split(".")) and attr.isidentifier()
+    if not module or (sep and not attr) or not names_ok:
+        raise EntryError(f"{APP_KEY} = {spec!r}: expected package.module:callable "
+                         "or package.module:factory()")
+    return module, attr, factory
 
 
 class SmokeError(RuntimeError):

@@ -1,0 +1,179 @@
+"""`hotswap init`: the kit's srv.ini and a systemd unit for an existing WSGI project.
+
+The generated srv.ini serves `module = hotswap.entry:application`, which imports the app
+named in `hotswap-app` and wraps it in the kit's middleware (hotswap/entry.py,
+hotswap/wsgi.py): the user's module is not edited, and there is no generated Python file
+to keep in step with the kit. The unit is deploy/hotswap.service rendered for the
+project's folder, its venv's `hotswap` and the service user.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import files
+from .errors import ExitCode, HotswapError
+from .wsgi import EntryError, parse_target
+
+UNIT_TEMPLATE = Path(__file__).resolve().parent.parent / "deploy" / "hotswap.service"
+INI_NAME = "srv.ini"
+UNIT_NAME = "hotswap.service"
+# folders systemd's PrivateTmp=/ProtectHome= hide from the service
+HIDDEN_FROM_UNIT = ("/tmp/", "/var/tmp/", "/home/", "/root/")
+
+INI_TEMPLATE = """\
+; srv.ini for @APP@, written by `hotswap init` (hotswap, zero-downtime swaps under uWSGI).
+;
+; Start with `hotswap start` (never bare uwsgi), swap a new release in with `hotswap
+; reload`, see it with `hotswap status`. Lines under "the kit's contract" are what makes a
+; swap safe: `hotswap start` refuses an ini that breaks them. Lines under "the app's to
+; tune" are yours.
+
+[uwsgi]
+; ======== the kit's contract ========
+; -- paths: everything derives from these two; %d is this file's folder --
+run_dir = %drun
+log_dir = %dlog
+fifo_live = %(run_dir)/0.fifo
+fifo_standby = %(run_dir)/1.fifo
+; slot 0 is the live FIFO, slot 1 where a master waits to retire: the order matters
+master-fifo = %(fifo_live)
+master-fifo = %(fifo_standby)
+pidfile = %(run_dir)/master.pid
+; a unix stats socket: the newest master re-binds it (a TCP one breaks the re-fork)
+stats = %(run_dir)/stats.sock
+http-socket = %(run_dir)/http.sock
+chmod-socket = 660
+logto = %(log_dir)/uwsgi.log
+; request lines would bury the startup log that `hotswap reload` shows on failure
+disable-logging = true
+log-date = true
+
+; -- the app: imported once, in the master, before the workers fork (no lazy-apps) --
+chdir = %d
+pythonpath = %d
+; hotswap.entry imports hotswap-app ("module:callable", or "module:factory()") and wraps
+; it in the kit's middleware: the health path, X-Generation / X-Master-Pid, smoke checks
+module = hotswap.entry:application
+hotswap-app = @APP@
+; what `hotswap reload`, `status` and `probe` ask; the middleware answers it
+hotswap-health = /healthz
+; requests run through the app at import, before workers fork: one that fails fails the
+; release ("GET /path -> 200", several separated by "|"). The health path is one.
+hotswap-smoke = GET /healthz -> 200
+; a release that cannot import (or fails a smoke check) must not spawn workers
+need-app = true
+master = true
+; SIGTERM stops (uWSGI 2.0 would otherwise treat it as "brutal reload")
+die-on-term = true
+thunder-lock = true
+; vacuum would unlink the inherited, still-live socket when the old master exits
+vacuum = false
+; Runs in every worker before it accepts: one worker hands over (systemd's main pid, the
+; pidfile, "p" then "q" to the old master); until then no worker of the new generation
+; accepts. safeexec: a failing hook must not destroy the new generation.
+hook-accepting = @HOOK@
+
+; ======== the app's to tune ========
+processes = 4
+; threads = 2 (more than one per worker only if the app is thread-safe)
+; the largest request header block a client may send, bytes
+buffer-size = 8192
+; connections waiting while nobody accepts (the ~0.25 s hand-over pause included)
+listen = 1024
+; how long a retiring worker may finish its in-flight request, seconds
+worker-reload-mercy = 60
+; harakiri = 60 (kill a worker stuck in one request this long; above your slowest request)
+skip-atexit-teardown = true
+auto-procname = true
+procname-prefix-spaced = @NAME@
+"""
+
+
+# the same hook line as the repo's srv.ini
+HOOK = ("safeexec:$(HOTSWAP_PYTHON) -m hotswap.handover --run-dir %(run_dir) "
+        "--fifo-standby %(fifo_standby) --pidfile %(pidfile) --log-file %(logto)")
+
+
+@dataclass
+class Written:
+    """What `init` wrote, and what the operator should know about it."""
+
+    paths: list[Path] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def _hotswap_command() -> Path:
+    beside = Path(sys.executable).parent / "hotswap"
+    found = beside if beside.exists() else shutil.which("hotswap")
+    return Path(found or beside).absolute()
+
+
+def render_ini(app: str, project: Path) -> str:
+    name = "".join(c if c.isalnum() or c in "-_" else "-" for c in project.name) or "hotswap"
+    return INI_TEMPLATE.replace("@APP@", app).replace("@NAME@", name).replace("@HOOK@", HOOK)
+
+
+def render_unit(template: str, project: Path, user: str, app: str) -> str:
+    """deploy/hotswap.service for this project: its folder instead of @PREFIX@/app, this
+    venv's hotswap, the user; the run/ and log/ folders srv.ini names made writable."""
+    unit = template.replace("@PREFIX@/venv/bin/hotswap", str(_hotswap_command()))
+    unit = unit.replace("@PREFIX@/app", str(project)).replace("@USER@", user)
+    header = (f"# Rendered by `hotswap init` for {project} (hotswap-app = {app}), user {user}.\n"
+              f"# Install: cp {project / UNIT_NAME} /etc/systemd/system/ && "
+              "systemctl daemon-reload\n#\n")
+    writable = (f"# hotswap init: srv.ini keeps run_dir and log_dir in the project "
+                f"(ProtectSystem=strict\n# makes the rest read-only)\n"
+                f"ReadWritePaths={project / 'run'} {project / 'log'}\n\n")
+    return header + unit.replace("\n[Install]", "\n" + writable + "[Install]", 1)
+
+
+def init(project: Path, app: str, user: str | None = None, force: bool = False,
+         template: Path = UNIT_TEMPLATE) -> Written:
+    """Write srv.ini and hotswap.service into `project`; refuse to overwrite unless `force`."""
+    try:
+        module, _, _ = parse_target(app)
+    except EntryError as exc:
+        raise HotswapError(str(exc), ExitCode.CONFIG) from None
+    project = project.absolute()
+    if not project.is_dir():
+        raise HotswapError(f"no such project folder: {project}", ExitCode.CONFIG)
+    user = user or pwd.getpwuid(os.geteuid()).pw_name
+    try:
+        account = pwd.getpwnam(user)
+    except KeyError:
+        raise HotswapError(f"no such user: {user}", ExitCode.CONFIG) from None
+    try:
+        unit_template = template.read_text()
+    except OSError as exc:
+        raise HotswapError(f"cannot read the unit template {template}: {exc.strerror}",
+                           ExitCode.CONFIG) from None
+    targets = {project / INI_NAME: render_ini(app, project),
+               project / UNIT_NAME: render_unit(unit_template, project, user, app)}
+    existing = [str(path) for path in targets if path.exists()]
+    if existing and not force:
+        raise HotswapError(f"{', '.join(existing)} already exist(s); --force overwrites",
+                           ExitCode.CONFIG)
+    written = Written()
+    relative = Path(*module.split("."))
+    if not any((project / candidate).exists() for candidate in
+               (relative.with_suffix(".py"), relative / "__init__.py")):
+        written.warnings.append(f"no {relative}.py or {relative}/__init__.py in {project}: "
+                                f"{module} must be importable by the service's Python")
+    for path, text in targets.items():
+        files.atomic_write(path, text)
+        written.paths.append(path)
+    for folder in (project / "run", project / "log"):
+        folder.mkdir(exist_ok=True)
+        if os.geteuid() == 0:
+            os.chown(folder, account.pw_uid, account.pw_gid)
+    if f"{project}/".startswith(HIDDEN_FROM_UNIT):
+        written.warnings.append(f"{project} is under {'/'.join(str(project).split('/')[:2])}/, "
+                                "which the unit's PrivateTmp=/ProtectHome= hide from the "
+                                "service: move the project (e.g. to /srv) before installing it")
+    return written
