@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import re
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -122,7 +123,13 @@ def render_ini(app: str, project: Path) -> str:
 def render_unit(template: str, project: Path, user: str, app: str) -> str:
     """deploy/hotswap.service for this project: its folder instead of @PREFIX@/app, this
     venv's hotswap, the user; the run/ and log/ folders srv.ini names made writable."""
-    unit = template.replace("@PREFIX@/venv/bin/hotswap", str(_hotswap_command()))
+    # the template's own note on how install-systemd.sh renders it does not apply here
+    lines = template.splitlines(keepends=True)
+    first = next((i for i, line in enumerate(lines) if line.startswith("[")), len(lines))
+    unit = "".join([line for line in lines[:first] if not (
+        "install-systemd" in line or "@PREFIX@ =" in line or "@USER@ =" in line)]
+        + lines[first:])
+    unit = unit.replace("@PREFIX@/venv/bin/hotswap", str(_hotswap_command()))
     unit = unit.replace("@PREFIX@/app", str(project)).replace("@USER@", user)
     header = (f"# Rendered by `hotswap init` for {project} (hotswap-app = {app}), user {user}.\n"
               f"# Install: cp {project / UNIT_NAME} /etc/systemd/system/ && "
@@ -130,7 +137,12 @@ def render_unit(template: str, project: Path, user: str, app: str) -> str:
     writable = (f"# hotswap init: srv.ini keeps run_dir and log_dir in the project "
                 f"(ProtectSystem=strict\n# makes the rest read-only)\n"
                 f"ReadWritePaths={project / 'run'} {project / 'log'}\n\n")
-    return header + unit.replace("\n[Install]", "\n" + writable + "[Install]", 1)
+    unit = header + unit.replace("\n[Install]", "\n" + writable + "[Install]", 1)
+    left = sorted(set(re.findall(r"@[A-Z_]+@", unit)))
+    if left:
+        raise HotswapError(f"the unit template has placeholders init does not fill: "
+                           f"{', '.join(left)}", ExitCode.CONFIG)
+    return unit
 
 
 def init(project: Path, app: str, user: str | None = None, force: bool = False,

@@ -47,11 +47,13 @@ class Service:
     mode "heap" (SRV_MODE=heap: the table in each process's heap) or "store" (the
     memory-mapped store srv.py serves by default, built from the same table)."""
 
-    def __init__(self, root: Path, mode: str = "heap") -> None:
+    def __init__(self, root: Path, mode: str = "heap", sample: bool = True) -> None:
+        """sample=False: no srv.py copy (tests/app_util.py sets projects up with `init`)."""
         self.root = root
         self.mode = mode
-        shutil.copy(REPO / "srv.py", root / "srv.py")
-        shutil.copy(REPO / "srv.ini", root / "srv.ini")
+        if sample:
+            shutil.copy(REPO / "srv.py", root / "srv.py")
+            shutil.copy(REPO / "srv.ini", root / "srv.ini")
         self.ini = root / "srv.ini"
         self.socket = root / "run" / "http.sock"
         self.run_dir = root / "run"
@@ -59,7 +61,8 @@ class Service:
         self.supervisor: subprocess.Popen | None = None
         self.seen_masters: set[int] = set()
         self.background: list[subprocess.Popen] = []  # CLI runs a test left going
-        self.release(version="v1")
+        if sample:
+            self.release(version="v1")
 
     # -- releases -------------------------------------------------------------------
     def release(self, version: str, terms: int = TEST_TERMS) -> None:

@@ -1,0 +1,225 @@
+"""Bring your own app: apps that are not srv.py, set up only through `hotswap init`, swap with
+zero lost requests; a broken release and a release failing its smoke check are refused; the
+config checks of `hotswap start` refuse what breaks a swap (real uWSGI throughout)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from app_util import InitProject, flask_project, plain_project
+
+from bench.loadgen import LoadGenerator, summarize
+from hotswap import checks, config, procs, wsgi
+
+CONNECTIONS = 32
+# more for a soak: HOTSWAP_APP_RELOADS=50 pytest tests/test_app.py -k plain
+RELOADS = int(os.environ.get("HOTSWAP_APP_RELOADS", "5"))
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory):
+    project = plain_project(tmp_path_factory.mktemp("plain"))
+    try:
+        project.start()
+        yield project
+    finally:
+        project.teardown()
+
+
+def reload_json(project: InitProject) -> tuple[int, dict, str]:
+    done = project.cli("reload", "--json")
+    result = json.loads(done.stdout)
+    if result.get("new_master"):
+        project.seen_masters.add(result["new_master"])
+    return done.returncode, result, done.stderr
+
+
+def swaps_under_load(project: InitProject, reloads: int) -> None:
+    """The zero-downtime test: `reloads` new releases under 32 connections, 0 failed."""
+    health = project.health()
+    load = LoadGenerator(str(project.socket), CONNECTIONS, project.paths,
+                         max_seconds=max(240, 10 * reloads))
+    with load:
+        for n in range(2, reloads + 2):
+            project.release_app(f"r{n}")
+            code, result, stderr = reload_json(project)
+            assert code == 0, (result, stderr)
+            after = project.health()
+            assert after["generation"] == result["new_generation"] != health["generation"]
+            assert after["master_pid"] == result["new_master"] != health["master_pid"]
+            assert not procs.alive(health["master_pid"]), "old master left running"
+            health = after
+    summary = summarize(load.records)
+    assert summary["requests"] > 200, summary
+    assert summary["failed"] == 0, summary
+    assert len(summary["generations"]) == reloads + 1, summary
+
+
+@pytest.mark.slow
+def test_plain_wsgi_function_swaps_under_load(plain: InitProject):
+    swaps_under_load(plain, RELOADS)
+
+
+@pytest.mark.slow
+def test_flask_factory_app_swaps_under_load(tmp_path: Path):
+    project = flask_project(tmp_path)
+    try:
+        health = project.start()
+        assert set(health) >= {"status", "master_pid", "worker_pid", "generation",
+                               "loaded_at", "load_seconds"}
+        swaps_under_load(project, 2)
+    finally:
+        project.teardown()
+
+
+def refused_under_load(project: InitProject, cause: str) -> None:
+    """Reload the release on disk under load: refused with `cause`, the old generation
+    serving, and not one answer a client saw other than 2xx."""
+    before = project.health()
+    with LoadGenerator(str(project.socket), CONNECTIONS, project.paths, max_seconds=120) as load:
+        code, result, stderr = reload_json(project)
+    assert code == 1, (result, stderr)
+    assert result["rolled_back"] and cause in result["message"], result
+    summary = summarize(load.records)
+    assert summary["requests"] > 0 and summary["failed"] == 0, summary
+    assert summary["generations"] == [before["generation"]], summary
+    after = project.health()
+    assert after["master_pid"] == before["master_pid"]
+    assert project.status()["fifos"]["standby"]["state"] == "missing"
+
+
+@pytest.mark.slow
+def test_broken_release_is_rolled_back(plain: InitProject):
+    plain.release_app("r-broken", append="\nraise RuntimeError('price list r-broken unreadable')\n")
+    try:
+        refused_under_load(plain, "RuntimeError: price list r-broken unreadable")
+    finally:
+        plain.release_app("r-fixed")
+
+
+@pytest.mark.slow
+def test_release_failing_a_smoke_check_never_serves(plain: InitProject):
+    plain.release_app("r-500", broken_item=True)  # imports fine; /item answers 500
+    try:
+        refused_under_load(plain, "SmokeError: smoke check GET /item?k=k1 -> 200 answered "
+                                  "500 Internal Server Error")
+    finally:
+        plain.release_app("r-fixed")
+    code, result, stderr = reload_json(plain)
+    assert code == 0, (result, stderr)
+
+
+# -- hotswap start's config checks -------------------------------------------------------
+
+BAD_CONFIGS = {
+    "no need-app": (("need-app = true", ""), "does not set need-app = true"),
+    "vacuum": (("vacuum = false", "vacuum = true"), "sets vacuum = true"),
+    "tcp stats": (("stats = %(run_dir)/stats.sock", "stats = 127.0.0.1:19191"),
+                  "has a TCP stats socket (127.0.0.1:19191)"),
+    "no hook": (("hook-accepting = ", "; hook-accepting = "), "has no hook-accepting"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_CONFIGS)
+def test_start_refuses_a_config_that_breaks_the_swap(plain: InitProject, name: str):
+    (old, new), message = BAD_CONFIGS[name]
+    text = plain.ini.read_text()
+    assert old in text
+    bad = plain.root / f"bad-{name.replace(' ', '-')}.ini"
+    bad.write_text(text.replace(old, new, 1))
+    done = plain.cli("--ini", str(bad), "start", "--supervise", timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("hotswap: refusing to start: ") and message in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_config_checks_see_what_uwsgi_sees(plain: InitProject):
+    """The values the checks read come from uWSGI itself; the version check on its own."""
+    cfg = config.load(plain.ini)
+    values = config.read_values(cfg.uwsgi, cfg.ini, checks.KEYS)
+    assert values["need-app"] == "true" and values["stats"] == str(cfg.stats_socket)
+    assert checks.problems(cfg, checks.uwsgi_version(cfg.uwsgi), values) == []
+    old = checks.problems(cfg, (2, 0, 30), values)
+    assert len(old) == 1 and "uWSGI 2.0.30" in old[0] and "older than 2.0.31" in old[0]
+
+
+# -- hotswap init ---------------------------------------------------------------------------
+
+def test_init_refuses_to_overwrite_and_renders_the_unit(plain: InitProject):
+    unit = (plain.root / "hotswap.service").read_text()
+    assert f"WorkingDirectory={plain.root}" in unit and "@PREFIX@" not in unit
+    assert f"--ini {plain.root}/srv.ini reload" in unit
+    assert f"ReadWritePaths={plain.root}/run {plain.root}/log" in unit
+    before = plain.ini.read_text()
+    again = plain.init("--app", "plainapp:application")
+    assert again.returncode == 2 and "--force overwrites" in again.stderr
+    assert plain.ini.read_text() == before
+    bad = plain.init("--app", "not a module", "--force")
+    assert bad.returncode == 2 and "expected package.module:callable" in bad.stderr
+    forced = plain.init("--app", "plainapp:application", "--force")
+    assert forced.returncode == 0 and plain.ini.read_text() == before
+    if shutil.which("systemd-analyze"):
+        folder = plain.root / "verify"  # the unit alone: deps resolve against real units
+        folder.mkdir(exist_ok=True)
+        shutil.copy(plain.root / "hotswap.service", folder / "hotswap.service")
+        verify = subprocess.run(["systemd-analyze", "verify", "--man=no",
+                                 str(folder / "hotswap.service")],
+                                capture_output=True, text=True, timeout=60)
+        assert verify.returncode == 0 and "hotswap.service" not in verify.stderr, verify
+
+
+# -- the middleware on its own (no uWSGI) -------------------------------------------------
+
+def call(app, path: str) -> tuple[str, dict, bytes]:
+    seen = {}
+
+    def start_response(status, headers, exc_info=None):
+        seen["status"], seen["headers"] = status, dict(headers)
+
+    body = b"".join(app({"REQUEST_METHOD": "GET", "PATH_INFO": path, "QUERY_STRING": ""},
+                        start_response))
+    return seen["status"], seen["headers"], body
+
+
+def test_middleware_health_contract_and_readiness_hook():
+    def hello(environ, start_response):
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"hi"]
+
+    ready = {"ok": True}
+
+    def readiness() -> dict:
+        if not ready["ok"]:
+            raise ConnectionError("database unreachable")
+        return {"db": "up"}
+
+    app = wsgi.wrap(hello, generation="g7", health=readiness, started=time.monotonic())
+    status, headers, body = call(app, "/healthz")
+    document = json.loads(body)
+    assert status.startswith("200") and document["status"] == "ok" and document["db"] == "up"
+    assert document["generation"] == "g7" and document["worker_pid"] == os.getpid()
+    status, headers, body = call(app, "/anything")
+    assert body == b"hi" and headers["X-Generation"] == "g7" and "X-Master-Pid" in headers
+    ready["ok"] = False
+    status, _, body = call(app, "/healthz")
+    assert status.startswith("503")
+    assert json.loads(body)["error"] == "ConnectionError: database unreachable"
+
+
+def test_smoke_checks_parse_and_fail_the_import():
+    assert wsgi.parse_smoke("GET /a?q=1 -> 200 | /b -> 404 | HEAD /c") == [
+        wsgi.Smoke("/a?q=1", 200), wsgi.Smoke("/b", 404), wsgi.Smoke("/c", 200, "HEAD")]
+    with pytest.raises(wsgi.SmokeError, match="cannot read"):
+        wsgi.parse_smoke("GET a b c")
+
+    def broken(environ, start_response):
+        raise KeyError("tags")
+
+    with pytest.raises(wsgi.SmokeError, match=r"smoke check GET /x -> 200 failed: KeyError"):
+        wsgi.wrap(broken, smoke=[wsgi.Smoke("/x")])
