@@ -284,10 +284,12 @@ def recover(ctx: Context) -> None:
 @click.option("--dir", "project", default=".", show_default=True,
               type=click.Path(file_okay=False), help="The project folder.")
 @click.option("--user", help="The service user of the systemd unit (default: you).")
+@click.option("--health-path", default="/healthz", show_default=True,
+              help="The path the kit's middleware answers (hotswap-health in srv.ini).")
 @click.option("--force", is_flag=True, help="Overwrite an existing srv.ini / hotswap.service.")
-def init(app: str, project: str, user: str | None, force: bool) -> None:
+def init(app: str, project: str, user: str | None, health_path: str, force: bool) -> None:
     """Write srv.ini (the kit's settings, serving APP) and hotswap.service into a project."""
-    written = scaffold.init(Path(project), app, user, force)
+    written = scaffold.init(Path(project), app, user, force, health_path)
     for path in written.paths:
         click.echo(f"wrote {path}")
     for warning in written.warnings:

@@ -325,6 +325,10 @@ class Reload(ToCommit):
 
     def verify(self) -> Phase:
         host, result = self.host, self.result
+        if not host.alive(result.old_master):
+            # A retired master re-creates its FIFO on the way out (uwsgi#1492): clear it,
+            # whatever the health path says next.
+            host.remove_stale(Slot.STANDBY)
         health = self._answers_from(result.new_master)
         if not health:
             return self.end(ExitCode.INCONSISTENT,
@@ -334,9 +338,6 @@ class Reload(ToCommit):
         accepting = wait(host, self._all_workers_accepting, VERIFY_TIMEOUT)
         if not accepting:
             result.warnings.append(f"not every worker of master {result.new_master} accepts yet")
-        if not host.alive(result.old_master):
-            # A retired master re-creates its FIFO on the way out (uwsgi#1492): clear it.
-            host.remove_stale(Slot.STANDBY)
         self.enter(Phase.DONE, f"health path answers from master {result.new_master}, "
                                f"{accepting or '?'} workers accepting")
         return self.end(ExitCode.OK, f"generation {result.old_generation or '?'} (master "

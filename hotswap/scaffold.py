@@ -19,7 +19,7 @@ from pathlib import Path
 
 from . import files
 from .errors import ExitCode, HotswapError
-from .wsgi import EntryError, parse_target
+from .wsgi import DEFAULT_HEALTH_PATH, EntryError, parse_target
 
 UNIT_TEMPLATE = Path(__file__).resolve().parent.parent / "deploy" / "hotswap.service"
 INI_NAME = "srv.ini"
@@ -63,10 +63,7 @@ pythonpath = %d
 module = hotswap.entry:application
 hotswap-app = @APP@
 ; what `hotswap reload`, `status` and `probe` ask; the middleware answers it
-hotswap-health = /healthz
-; requests run through the app at import, before workers fork: one that fails fails the
-; release ("GET /path -> 200", several separated by "|"). The health path is one.
-hotswap-smoke = GET /healthz -> 200
+hotswap-health = @HEALTH@
 ; a release that cannot import (or fails a smoke check) must not spawn workers
 need-app = true
 master = true
@@ -81,6 +78,9 @@ vacuum = false
 hook-accepting = @HOOK@
 
 ; ======== the app's to tune ========
+; smoke requests, run through the app at import before workers fork: one that fails fails
+; the release ("GET /path -> 200", several separated by "|"). Name a real one of yours.
+hotswap-smoke = GET @HEALTH@ -> 200
 processes = 4
 ; threads = 2 (more than one per worker only if the app is thread-safe)
 ; the largest request header block a client may send, bytes
@@ -115,9 +115,10 @@ def _hotswap_command() -> Path:
     return Path(found or beside).absolute()
 
 
-def render_ini(app: str, project: Path) -> str:
+def render_ini(app: str, project: Path, health_path: str = DEFAULT_HEALTH_PATH) -> str:
     name = "".join(c if c.isalnum() or c in "-_" else "-" for c in project.name) or "hotswap"
-    return INI_TEMPLATE.replace("@APP@", app).replace("@NAME@", name).replace("@HOOK@", HOOK)
+    return (INI_TEMPLATE.replace("@APP@", app).replace("@NAME@", name).replace("@HOOK@", HOOK)
+            .replace("@HEALTH@", health_path))
 
 
 def render_unit(template: str, project: Path, user: str, app: str) -> str:
@@ -146,12 +147,15 @@ def render_unit(template: str, project: Path, user: str, app: str) -> str:
 
 
 def init(project: Path, app: str, user: str | None = None, force: bool = False,
-         template: Path = UNIT_TEMPLATE) -> Written:
+         health_path: str = DEFAULT_HEALTH_PATH, template: Path = UNIT_TEMPLATE) -> Written:
     """Write srv.ini and hotswap.service into `project`; refuse to overwrite unless `force`."""
     try:
         module, _, _ = parse_target(app)
     except EntryError as exc:
         raise HotswapError(str(exc), ExitCode.CONFIG) from None
+    if not health_path.startswith("/") or any(c.isspace() or c in "|%" for c in health_path):
+        raise HotswapError(f"--health-path must be a path such as /healthz, not {health_path!r}",
+                           ExitCode.CONFIG)
     project = project.absolute()
     if not project.is_dir():
         raise HotswapError(f"no such project folder: {project}", ExitCode.CONFIG)
@@ -165,7 +169,7 @@ def init(project: Path, app: str, user: str | None = None, force: bool = False,
     except OSError as exc:
         raise HotswapError(f"cannot read the unit template {template}: {exc.strerror}",
                            ExitCode.CONFIG) from None
-    targets = {project / INI_NAME: render_ini(app, project),
+    targets = {project / INI_NAME: render_ini(app, project, health_path),
                project / UNIT_NAME: render_unit(unit_template, project, user, app)}
     existing = [str(path) for path in targets if path.exists()]
     if existing and not force:

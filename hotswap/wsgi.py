@@ -38,6 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote
 
+from . import uwsgilog
+
 # srv.ini keys the kit reads (uWSGI keeps unknown keys as placeholders; `uwsgi.opt` and
 # `uwsgi --get` both see them). config.py reads the same keys for the CLI.
 HEALTH_PATH_KEY = "hotswap-health"
@@ -205,13 +207,14 @@ class Middleware:
 def run_smoke(app: WsgiApp, check: Smoke) -> None:
     """One request through `app`, in this process; SmokeError unless it answers as expected."""
     path, _, query = check.path.partition("?")
+    errors = io.StringIO()  # what the app logs for this request (Flask: its traceback)
     environ = {
         "REQUEST_METHOD": check.method, "SCRIPT_NAME": "", "PATH_INFO": unquote(path),
         "QUERY_STRING": query, "SERVER_NAME": "hotswap-smoke", "SERVER_PORT": "80",
         "SERVER_PROTOCOL": "HTTP/1.1", "HTTP_HOST": "hotswap-smoke",
         "HTTP_USER_AGENT": "hotswap-smoke", "REMOTE_ADDR": "127.0.0.1",
         "wsgi.version": (1, 0), "wsgi.url_scheme": "http", "wsgi.input": io.BytesIO(b""),
-        "wsgi.errors": sys.stderr, "wsgi.multithread": False, "wsgi.multiprocess": True,
+        "wsgi.errors": errors, "wsgi.multithread": False, "wsgi.multiprocess": True,
         "wsgi.run_once": False,
     }
     answered: list[str] = []
@@ -229,10 +232,14 @@ def run_smoke(app: WsgiApp, check: Smoke) -> None:
                 result.close()
     except Exception as exc:
         raise SmokeError(f"smoke check {check} failed: {type(exc).__name__}: {exc}") from exc
+    finally:
+        sys.stderr.write(errors.getvalue())  # into the uWSGI log, as a request's would go
     status = answered[-1] if answered else "no status"
     if status.split()[0] != str(check.status):
-        excerpt = body[:160].decode(errors="replace").replace("\n", " ").strip()
-        raise SmokeError(f"smoke check {check} answered {status}: {excerpt}")
+        # the app's own exception line says more than an error page
+        cause = uwsgilog.cause_from(errors.getvalue().splitlines()) or \
+            ": " + body[:120].decode(errors="replace").replace("\n", " ").strip()
+        raise SmokeError(f"smoke check {check} answered {status}{cause}")
 
 
 def wrap(app: WsgiApp, *, generation: str | Callable[[], str] | None = None,

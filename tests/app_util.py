@@ -68,14 +68,15 @@ class InitProject(Service):
     """A project holding one app; srv.ini and the unit come from `hotswap init` only."""
 
     def __init__(self, root: Path, source: str, module_path: str, app: str,
-                 paths: tuple[str, ...]) -> None:
+                 paths: tuple[str, ...], health_path: str = "/healthz") -> None:
         super().__init__(root, sample=False)
+        self.health_path = health_path
         self.source = source
         self.module_file = root / module_path
         self.module_file.parent.mkdir(parents=True, exist_ok=True)
         self.paths = paths  # what the load generator asks
         self.release_app("r1")
-        done = self.init("--app", app)
+        done = self.init("--app", app, "--health-path", health_path)
         assert done.returncode == 0, done.stderr
 
     def init(self, *args: str) -> subprocess.CompletedProcess:
@@ -97,5 +98,7 @@ def plain_project(root: Path) -> InitProject:
 
 
 def flask_project(root: Path) -> InitProject:
-    paths = ("/healthz", *(f"/price/p{i}" for i in range(40)))
-    return InitProject(root, FLASK_APP, "shop/__init__.py", "shop:create_app()", paths)
+    # a health path of its own: reload, status and probe read it from srv.ini
+    paths = ("/-/ready", *(f"/price/p{i}" for i in range(40)))
+    return InitProject(root, FLASK_APP, "shop/__init__.py", "shop:create_app()", paths,
+                       health_path="/-/ready")

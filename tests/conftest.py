@@ -61,6 +61,7 @@ class Service:
         self.supervisor: subprocess.Popen | None = None
         self.seen_masters: set[int] = set()
         self.background: list[subprocess.Popen] = []  # CLI runs a test left going
+        self.health_path = "/healthz"  # srv.ini's hotswap-health
         if sample:
             self.release(version="v1")
 
@@ -164,7 +165,8 @@ class Service:
         def ready():
             master = procs.read_pidfile(self.pidfile)
             handover = self.run_dir / "handover.json"
-            health = probe.healthz(self.socket, timeout=2.0) if handover.exists() else None
+            health = probe.healthz(self.socket, timeout=2.0, path=self.health_path) \
+                if handover.exists() else None
             return probe.from_master(health, master)
 
         health = procs.wait_until(ready, timeout, interval=0.05)
@@ -173,8 +175,8 @@ class Service:
         return health
 
     def health(self) -> dict:
-        health = probe.healthz(self.socket, timeout=5.0)
-        assert health, "service does not answer /healthz"
+        health = probe.healthz(self.socket, timeout=5.0, path=self.health_path)
+        assert health, f"service does not answer {self.health_path}"
         self.seen_masters.add(health["master_pid"])
         return health
 

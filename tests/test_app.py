@@ -73,6 +73,9 @@ def test_flask_factory_app_swaps_under_load(tmp_path: Path):
         health = project.start()
         assert set(health) >= {"status", "master_pid", "worker_pid", "generation",
                                "loaded_at", "load_seconds"}
+        probe = project.cli("probe")
+        assert probe.returncode == 0 and probe.stdout.startswith("OK - GET /-/ready -> 200")
+        assert project.status()["generation"] == health["generation"]
         swaps_under_load(project, 2)
     finally:
         project.teardown()
