@@ -26,7 +26,8 @@ MEANING = {
     ExitCode.RELOAD_FAILED: "reload failed or was interrupted before its commit point: the "
     "new release was rolled back, the old one still serves; start: uWSGI exited before "
     "serving",
-    ExitCode.CONFIG: "bad usage or configuration (missing/unreadable ini, permission denied)",
+    ExitCode.CONFIG: "bad usage or configuration (missing/unreadable ini, permission denied; "
+    "start: an ini or uWSGI that breaks the swap, see docs/your-app.md)",
     ExitCode.NOT_RUNNING: "nothing is running",
     ExitCode.BUSY: "busy: a reload is in progress, an old master is still draining, or "
     "start found a live instance",
