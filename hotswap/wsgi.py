@@ -204,6 +204,17 @@ class Middleware:
         return [] if method == "HEAD" else [body]
 
 
+def _log(text: str) -> None:
+    """To the uWSGI log (stderr), never failing: a full log disk must not fail a release."""
+    if not text:
+        return
+    try:
+        sys.stderr.write(text)
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+
+
 def run_smoke(app: WsgiApp, check: Smoke) -> None:
     """One request through `app`, in this process; SmokeError unless it answers as expected."""
     path, _, query = check.path.partition("?")
@@ -233,7 +244,7 @@ def run_smoke(app: WsgiApp, check: Smoke) -> None:
     except Exception as exc:
         raise SmokeError(f"smoke check {check} failed: {type(exc).__name__}: {exc}") from exc
     finally:
-        sys.stderr.write(errors.getvalue())  # into the uWSGI log, as a request's would go
+        _log(errors.getvalue())  # into the uWSGI log, as a request's would go
     status = answered[-1] if answered else "no status"
     if status.split()[0] != str(check.status):
         # the app's own exception line says more than an error page
@@ -259,8 +270,8 @@ def wrap(app: WsgiApp, *, generation: str | Callable[[], str] | None = None,
     for check in checks:
         run_smoke(wrapped, check)
     if checks:
-        print(f"hotswap: {len(checks)} smoke check(s) passed in process {os.getpid()}: "
-              + ", ".join(map(str, checks)), file=sys.stderr, flush=True)
+        _log(f"hotswap: {len(checks)} smoke check(s) passed in process {os.getpid()}: "
+             + ", ".join(map(str, checks)) + "\n")
     wrapped.load_seconds = round(time.monotonic() - began, 3)
     wrapped.loaded_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     # the accepting hook (a child of a worker) reports it to systemd and in its record
