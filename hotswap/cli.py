@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from . import config, notify, probe
+from . import config, memory, notify, probe
 from . import instance as inst
 from . import refresh as data_refresh
 from .errors import MEANING, ExitCode, HotswapError
@@ -110,14 +110,21 @@ def start(ctx: Context, exec_mode: bool | None) -> None:
               show_default=True, help="Seconds to wait for the old generation's in-flight "
               "requests once the new one serves (past it, reload succeeds with a warning).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("--memory-margin", type=click.FloatRange(min=0.0), envvar="HOTSWAP_MEMORY_MARGIN",
+              default=memory.DEFAULT_MARGIN_PERCENT, show_default=True,
+              help="Percent added to the serving generation's memory when checking that a "
+              "second one fits (env HOTSWAP_MEMORY_MARGIN); exit 7 if it does not.")
+@click.option("--force", is_flag=True, help="Skip the memory check (a release that does not "
+              "fit is then killed by the OOM killer while loading, and rolled back).")
 @pass_context
-def reload_cmd(ctx: Context, timeout: float, drain_timeout: float, as_json: bool) -> None:
+def reload_cmd(ctx: Context, timeout: float, drain_timeout: float, as_json: bool,
+               memory_margin: float, force: bool) -> None:
     """Swap in a new generation; return when it serves and the old one is gone."""
     def show(phase: Phase, at: float, detail: str) -> None:
         if not as_json:
             click.echo(f"  [{at:7.2f}s] {phase.value:<12} {detail}")
 
-    result = reload(ctx.cfg, timeout, drain_timeout, show)
+    result = reload(ctx.cfg, timeout, drain_timeout, show, None if force else memory_margin)
     try:
         write_last_reload(ctx.cfg, result)
     except OSError as exc:  # a full run dir must not hide the outcome behind exit 2
@@ -208,6 +215,8 @@ def _format_status(report: dict) -> str:
                      "(retiring, or left by an interrupted swap: `hotswap recover`)")
     for pid in report["loading_master_pids"]:
         lines.append(f"loading     master {pid} (a release being imported)")
+    if report.get("memory"):
+        lines.append(f"memory      {_format_memory(report['memory'])}")
     for worker in report["workers"]:
         store = f"  store {worker['store']}" if worker.get("store") else ""
         lines.append(f"worker {worker['id']:<4} pid {worker['pid']:<8} {worker['status']:<8} "
@@ -223,6 +232,17 @@ def _format_status(report: dict) -> str:
         outcome = "ok" if last["ok"] else f"FAILED (exit {last['exit_code']})"
         lines.append(f"last reload {outcome} in {last['seconds']}s: {last['message']}")
     return "\n".join(lines)
+
+
+def _format_memory(room: dict) -> str:
+    """One line: what a second generation needs, and the headroom left after it."""
+    needs = memory.human(room["required"])
+    if room["headroom"] is None:
+        return f"a reload needs ~{needs}; available unknown"
+    verdict = "fits" if room["fits"] else "does NOT fit (reload exits 7; --force)"
+    headroom = memory.human(abs(room["headroom"]))
+    return (f"a reload needs ~{needs}, {memory.human(room['available'])} available: "
+            f"{verdict}, {headroom} {'spare' if room['fits'] else 'short'}")
 
 
 @main.command(name="probe")

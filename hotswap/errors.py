@@ -18,6 +18,7 @@ class ExitCode(IntEnum):
     BUSY = 4
     TIMEOUT = 5
     INCONSISTENT = 6
+    NO_ROOM = 7
 
 
 # The one statement of what each code means: `hotswap --help` prints it, the README copies it.
@@ -33,6 +34,9 @@ MEANING = {
     ExitCode.TIMEOUT: "timeout: reload rolled back a new generation that was too slow (the "
     "old one still serves); stop found the master still draining",
     ExitCode.INCONSISTENT: "a state the kit will not guess about; the message says what to do",
+    ExitCode.NO_ROOM: "no room: reload refused before touching anything, because a second "
+    "generation (the serving one's memory plus the margin) does not fit in MemAvailable or "
+    "under the cgroup's memory limit; the old generation serves; --force skips the check",
 }
 
 

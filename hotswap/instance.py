@@ -11,7 +11,7 @@ import signal
 import socket
 from pathlib import Path
 
-from . import fifo, probe, procs, record, stats, store
+from . import fifo, memory, probe, procs, record, stats, store
 from .config import Config
 from .errors import ExitCode, HotswapError
 from .host import RealHost
@@ -72,7 +72,9 @@ def prepare_start(cfg: Config) -> tuple[int, list[Path]]:
         raise HotswapError(f"cannot write to {cfg.run_dir}: permission denied", ExitCode.CONFIG)
     ensure_not_running(cfg)  # names the running master, in the common case
     lock_fd = hold_instance_lock(cfg)  # closes the race between two starts
-    return lock_fd, clear_stale_files(cfg)
+    removed = clear_stale_files(cfg)
+    memory.remember_normal_score(cfg.run_dir)  # what each generation returns to once it serves
+    return lock_fd, removed
 
 
 def stop(cfg: Config, timeout: float) -> list[int]:
@@ -134,6 +136,9 @@ def status(cfg: Config) -> dict:
     masters = find_masters(cfg)
     handover = record.read(cfg.run_dir)
     master = masters.live
+    host = RealHost(cfg)
+    # what a reload would need, and whether it fits (memory.py)
+    room = host.memory_room(master, memory.DEFAULT_MARGIN_PERCENT) if master else None
     health = probe.healthz(cfg.http_socket, timeout=2.0) if master else None
     document = stats.read(cfg.stats_socket) if master else None
     try:
@@ -165,4 +170,6 @@ def status(cfg: Config) -> dict:
         "reload_in_progress": holder(cfg),
         "handover": handover.to_json() if handover else None,
         "last_reload": last_reload,
+        "memory": room.to_json() if room else None,
+        "oom_score_adj": memory.score(master) if master else None,
     }

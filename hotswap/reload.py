@@ -40,7 +40,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 
-from . import files, probe, uwsgilog
+from . import files, memory, probe, uwsgilog
 from .config import Config
 from .errors import ExitCode, HotswapError
 from .host import Host, RealHost, Slot
@@ -102,8 +102,10 @@ class Swap:
     """A swap's bookkeeping: deadline, timeline, interrupts, and the one way out (end)."""
 
     def __init__(self, host: Host, timeout: float, drain_timeout: float,
-                 on_phase: Callable[[Phase, float, str], None] = lambda *_: None) -> None:
+                 on_phase: Callable[[Phase, float, str], None] = lambda *_: None,
+                 memory_margin: float | None = memory.DEFAULT_MARGIN_PERCENT) -> None:
         self.host = host
+        self.memory = MemoryGuard(host, memory_margin)
         self.timeout = timeout
         self.drain_timeout = drain_timeout
         self.on_phase = on_phase
@@ -183,6 +185,7 @@ class ToCommit(Swap):
         self.log_mark = host.log_mark()
         self.enter(Phase.PREFLIGHT,
                    f"master {live} serving generation {result.old_generation or '?'}")
+        self.enter(Phase.PREFLIGHT, self.memory.check(live))
         if self.interrupted:
             return self.end(ExitCode.RELOAD_FAILED,
                             f"interrupted by {self.interrupted} before anything changed")
@@ -217,16 +220,22 @@ class ToCommit(Swap):
 
     def wait_committed(self) -> Phase:
         watch = HandoverWatch(self.host, self.result.new_master)
-        outcome = self.poll(watch.outcome, self.remaining())
+        old = self.result.old_master
+
+        def outcome_or_oom():
+            return watch.outcome() or self.memory.oom_killed(old)
+
+        outcome = self.poll(outcome_or_oom, self.remaining())
         if outcome is None and not self.interrupted and watch.started:
-            outcome = self.poll(watch.outcome, HANDOVER_GRACE)
+            outcome = self.poll(outcome_or_oom, HANDOVER_GRACE)
         new = self.result.new_master
         if isinstance(outcome, Handover) and outcome.committed:
             return self._committed(outcome)
         if isinstance(outcome, Handover):  # ABORTED by the hook itself
             return self.fail(outcome.error or "the hand-over was aborted")
-        if outcome == "dead":
-            return self.fail(f"new master {new} exited while loading the release")
+        if outcome in ("dead", "oom"):
+            return self.fail(self.memory.cause(new, old, dead=outcome == "dead")
+                             or f"new master {new} exited while loading the release")
         if outcome == "stalled":
             return self.fail(f"the hand-over of master {new} stalled with the old workers "
                              f"paused (hook pid {watch.performer} stopped or stuck)")
@@ -357,6 +366,48 @@ class Reload(ToCommit):
         return f"{ready}/{len(workers)}" if workers and ready == len(workers) else None
 
 
+class MemoryGuard:
+    """The preflight's memory check (refuse a swap that does not fit), and the verdict on a
+    new generation that died while loading: the OOM killer, if the cgroup's counter rose."""
+
+    def __init__(self, host: Host, margin_percent: float | None) -> None:
+        self.host = host
+        self.margin_percent = margin_percent  # None: --force, measure but never refuse
+        self.room: memory.Room | None = None
+
+    def check(self, master: int) -> str:
+        """The preflight line; raises NO_ROOM when a second generation does not fit."""
+        margin = memory.DEFAULT_MARGIN_PERCENT if self.margin_percent is None \
+            else self.margin_percent
+        room = self.room = self.host.memory_room(master, margin)
+        if self.margin_percent is None:
+            return f"memory: {room.describe()}; not checked (--force)"
+        if not room.fits:
+            raise HotswapError(
+                f"not enough memory for a second generation: {room.describe()}; nothing was "
+                f"changed, master {master} keeps serving. Free memory, raise the limit, or "
+                "`hotswap reload --force` to try anyway", ExitCode.NO_ROOM)
+        return f"memory: {room.describe()}"
+
+    def oom_killed(self, master: int | None) -> str | None:
+        """"oom" once the OOM killer has struck in the cgroup of `master` since check()."""
+        before = self.room.oom_kills if self.room else None
+        now = self.host.oom_kills(master) if master and before is not None else None
+        return "oom" if now is not None and now > before else None
+
+    def cause(self, new: int | None, old: int | None, dead: bool) -> str | None:
+        """Why the new generation failed, if it was the OOM killer."""
+        if not self.oom_killed(old):
+            return None
+        room = self.room
+        limit = f"limit {memory.human(room.limit)}" if room and room.limit else \
+            f"no cgroup limit; {memory.human(room.mem_available if room else None)} was available"
+        if dead:
+            return f"new master {new} was killed by the kernel's OOM killer while loading ({limit})"
+        return (f"the kernel's OOM killer killed a process of the new generation (master {new}) "
+                f"while it loaded ({limit})")
+
+
 class HandoverWatch:
     """What LOADING waits for: the new master's record committed or aborted, the master
     dead, or a hand-over stalled with the old workers paused."""
@@ -397,9 +448,11 @@ def write_last_reload(cfg: Config, result: ReloadResult) -> None:
 
 
 def reload(cfg: Config, timeout: float, drain_timeout: float,
-           on_phase: Callable[[Phase, float, str], None] = lambda *_: None) -> ReloadResult:
-    """One swap on the real host, with the reload lock held and SIGINT/SIGTERM noted."""
-    machine = Reload(RealHost(cfg), timeout, drain_timeout, on_phase)
+           on_phase: Callable[[Phase, float, str], None] = lambda *_: None,
+           memory_margin: float | None = memory.DEFAULT_MARGIN_PERCENT) -> ReloadResult:
+    """One swap on the real host, with the reload lock held and SIGINT/SIGTERM noted.
+    `memory_margin` None skips the memory check (--force)."""
+    machine = Reload(RealHost(cfg), timeout, drain_timeout, on_phase, memory_margin)
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, lambda sig, _frame: machine.interrupt(signal.Signals(sig).name))
