@@ -59,6 +59,8 @@ HANDOVER_GRACE = 10.0
 PAUSE_STALL = 3.5
 # A committed hook writes "q" within microseconds; if it has not, we write it.
 RETIRE_GRACE = 1.0
+# How long an OOM-killed new master may take to die once the cgroup counted the kill.
+OOM_SETTLE = 1.0
 
 
 class Phase(str, Enum):
@@ -399,6 +401,8 @@ class MemoryGuard:
         """Why the new generation failed, if it was the OOM killer."""
         if not self.oom_killed(old):
             return None
+        # The kernel counts the kill before its SIGKILL has taken the victim down.
+        dead = dead or bool(wait(self.host, lambda: not self.host.alive(new), OOM_SETTLE))
         room = self.room
         limit = f"limit {memory.human(room.limit)}" if room and room.limit else \
             f"no cgroup limit; {memory.human(room.mem_available if room else None)} was available"
