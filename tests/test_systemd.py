@@ -177,6 +177,8 @@ def test_unit_passes_systemd_analyze_verify(deployment: Deployment):
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert UNIT not in done.stderr, done.stderr  # no warning about our unit
+    # an OOM kill of the loading generation must not stop the unit (docs/memory.md)
+    assert "\nOOMPolicy=continue\n" in (folder / UNIT).read_text()
 
 
 def test_security_exposure_is_ok_or_better(deployment: Deployment):
