@@ -256,12 +256,15 @@ def measure(master: int, workers: list[int], margin_percent: float) -> Room:
     limit, in_use = group.tightest() if group else (None, None)
     return Room(needs=estimate([master, *workers]), margin_percent=margin_percent,
                 mem_available=mem_available(), cgroup=str(group.path) if group else None,
-                limit=limit, in_use=in_use, oom_kills=group.oom_kills() if group else None)
+                limit=limit, in_use=in_use, oom_kills=oom_kills(master))
 
 
 def oom_kills(pid: int) -> int | None:
+    """OOM kills so far in the memory cgroup of `pid`; without one, on the whole machine
+    (/proc/vmstat); None if neither is readable."""
     group = cgroup_of(pid)
-    return group.oom_kills() if group else None
+    counted = group.oom_kills() if group else None
+    return counted if counted is not None else _keyed(Path("/proc/vmstat")).get("oom_kill")
 
 
 # -- oom_score_adj ------------------------------------------------------------------------------

@@ -391,15 +391,18 @@ class MemoryGuard:
                 "`hotswap reload --force` to try anyway", ExitCode.NO_ROOM)
         return f"memory: {room.describe()}"
 
-    def oom_killed(self, master: int | None) -> str | None:
-        """"oom" once the OOM killer has struck in the cgroup of `master` since check()."""
+    def oom_killed(self, master: int | None, in_cgroup: bool = True) -> str | None:
+        """"oom" once the OOM killer has struck since check(): in the memory cgroup of
+        `master`, or (not `in_cgroup`, without a cgroup) anywhere on the machine."""
         before = self.room.oom_kills if self.room else None
-        now = self.host.oom_kills(master) if master and before is not None else None
+        if before is None or not master or (in_cgroup and not self.room.cgroup):
+            return None
+        now = self.host.oom_kills(master)
         return "oom" if now is not None and now > before else None
 
     def cause(self, new: int | None, old: int | None, dead: bool) -> str | None:
         """Why the new generation failed, if it was the OOM killer."""
-        if not self.oom_killed(old):
+        if not self.oom_killed(old, in_cgroup=not dead):
             return None
         # The kernel counts the kill before its SIGKILL has taken the victim down.
         dead = dead or bool(wait(self.host, lambda: not self.host.alive(new), OOM_SETTLE))

@@ -49,6 +49,7 @@ class FakeHost:
         self.generation_bytes = 100 * memory.MIB
         self.available_bytes = 1000 * memory.MIB
         self.oom_count: int | None = 0
+        self.cgroup: str | None = "/fake"  # None: the counter is the machine's (/proc/vmstat)
 
     # -- the fake world ------------------------------------------------------------------
     def at(self, when: float, action: Callable[[], None]) -> None:
@@ -215,7 +216,7 @@ class FakeHost:
     def memory_room(self, master: int, margin_percent: float) -> memory.Room:
         self.events.append(("memory_room", master))
         return memory.Room(needs=self.generation_bytes, margin_percent=margin_percent,
-                           mem_available=self.available_bytes, cgroup="/fake", limit=None,
+                           mem_available=self.available_bytes, cgroup=self.cgroup, limit=None,
                            in_use=None, oom_kills=self.oom_count)
 
     def oom_kills(self, master: int) -> int | None:

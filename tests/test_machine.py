@@ -367,3 +367,16 @@ def test_a_crash_without_an_oom_kill_keeps_its_own_message():
     host.at(0.3, lambda: host.kill_generations([NEW]))
     result = Reload(host, 30.0, 5.0).run()
     assert result.message.startswith("new master 200 exited while loading"), result.message
+
+
+def test_without_a_cgroup_only_a_dead_new_master_is_blamed_on_the_oom_killer():
+    """The machine-wide counter (/proc/vmstat) also counts kills far from this service."""
+    elsewhere = FakeHost()
+    elsewhere.cgroup = None
+    elsewhere.at(0.3, lambda: elsewhere.oom_kill(999))
+    assert Reload(elsewhere, 30.0, 5.0).run().ok
+    ours = FakeHost(plan=[])
+    ours.cgroup = None
+    ours.at(0.3, lambda: ours.oom_kill(NEW))
+    result = Reload(ours, 30.0, 5.0).run()
+    assert "new master 200 was killed by the kernel's OOM killer" in result.message

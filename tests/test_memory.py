@@ -21,8 +21,6 @@ from bench.loadgen import LoadGenerator, summarize
 from hotswap import memory, procs
 from hotswap.errors import ExitCode
 
-pytestmark = pytest.mark.slow
-
 TERMS = 400_000
 CONNECTIONS = 32
 LOADING_SCORE = 1000  # srv.ini's loading_oom_score_adj
@@ -120,6 +118,7 @@ def score(pid: int) -> int:
     return int(Path(f"/proc/{pid}/oom_score_adj").read_text())
 
 
+@pytest.mark.slow
 def test_the_loading_generation_has_the_high_score_the_serving_one_its_own(
         svc: CgroupService):
     normal = int((svc.run_dir / memory.NORMAL_SCORE_NAME).read_text())
@@ -142,6 +141,7 @@ def test_the_loading_generation_has_the_high_score_the_serving_one_its_own(
     assert [score(pid) for pid in new] == [normal] * len(new), "the new generation kept 1000"
 
 
+@pytest.mark.slow
 def test_a_reload_that_does_not_fit_is_refused_and_changes_nothing(svc: CgroupService):
     before = svc.health()
     with LoadGenerator(str(svc.socket), CONNECTIONS, sample_paths(svc)) as load:
@@ -166,6 +166,7 @@ def test_a_reload_that_does_not_fit_is_refused_and_changes_nothing(svc: CgroupSe
     assert summary["requests"] > 100 and summary["failed"] == 0, summary
 
 
+@pytest.mark.slow
 def test_a_forced_reload_is_oom_killed_while_loading_and_rolled_back(svc: CgroupService):
     before = svc.health()
     kills = svc.cgroup.oom_kills()
@@ -193,3 +194,45 @@ def test_a_forced_reload_is_oom_killed_while_loading_and_rolled_back(svc: Cgroup
     assert after["generation"].startswith("v2+")
     summary = summarize(load.records)
     assert summary["requests"] > 100 and summary["failed"] == 0, summary
+
+
+# -- the arithmetic, on files made here ---------------------------------------------------------
+MIB = memory.MIB
+
+
+def test_the_tightest_limit_up_the_tree_counts(tmp_path: Path):
+    """A v1 hierarchy: the service's own cgroup has no limit, its parent has one."""
+    def level(path: Path, limit: int, usage: int, inactive_file: int) -> Path:
+        path.mkdir(parents=True)
+        (path / "memory.limit_in_bytes").write_text(f"{limit}\n")
+        (path / "memory.usage_in_bytes").write_text(f"{usage}\n")
+        (path / "memory.stat").write_text(f"cache 1\ntotal_inactive_file {inactive_file}\n")
+        (path / "memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 3\n")
+        return path
+
+    level(tmp_path / "slice", 512 * MIB, 400 * MIB, 100 * MIB)
+    own = level(tmp_path / "slice" / "svc", 9223372036854771712, 300 * MIB, 50 * MIB)
+    group = memory.Cgroup(own, 1, tmp_path)
+    assert group.tightest() == (512 * MIB, 300 * MIB)  # the parent's, less its inactive files
+    assert group.oom_kills() == 3
+
+
+def test_room_fits_only_when_the_estimate_and_its_margin_fit():
+    room = memory.Room(needs=100 * MIB, margin_percent=25, mem_available=10_000 * MIB,
+                       cgroup="/x", limit=400 * MIB, in_use=280 * MIB)
+    assert room.required == 125 * MIB and room.available == 120 * MIB
+    assert not room.fits and room.headroom == -5 * MIB
+    assert room.describe() == ("needs ~125 MiB (the serving generation's 100 MiB + 25%), "
+                               "120 MiB available (MemAvailable 9.8 GiB; limit 400 MiB, "
+                               "280 MiB in use)")
+    unknown = memory.Room(needs=None, margin_percent=25, mem_available=None, cgroup=None,
+                          limit=None, in_use=None)
+    assert unknown.fits and unknown.headroom is None
+
+
+def test_the_estimate_of_this_process_is_its_anonymous_memory():
+    before = memory.estimate([os.getpid()])
+    ballast = b"x" * (64 * MIB)  # written: anonymous, private
+    after = memory.estimate([os.getpid()])
+    assert before is not None and after is not None and after - before >= 60 * MIB
+    del ballast
