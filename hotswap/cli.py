@@ -225,8 +225,8 @@ def _format_status(report: dict) -> str:
         lines.append(f"reload      in progress (pid {report['reload_in_progress']})")
     for problem in report["problems"]:
         lines.append(f"PROBLEM     {problem}")
-    for change in report["pending"]:
-        lines.append(f"pending     {change}")
+    for notice in report["notices"]:
+        lines.append(f"notice      {notice}")
     last = report["last_reload"]
     if last:
         outcome = "ok" if last["ok"] else f"FAILED (exit {last['exit_code']})"

@@ -157,8 +157,8 @@ def status(cfg: Config) -> dict:
         "running": bool(master),
         "healthy": bool(master) and health is not None,
         "problems": problems(cfg, host, master, health, document) if master else [],
-        # ini changes the next reload would refuse (only a restart applies them)
-        "pending": host.config_drift(master) if master else [],
+        # not wrong, worth knowing: ini changes only a restart applies, a rotated log
+        "notices": notices(cfg, host, master) if master else [],
         "master_pid": master,
         "parked_master_pid": masters.parked,
         "loading_master_pids": masters.loading,
@@ -178,6 +178,18 @@ def status(cfg: Config) -> dict:
         "handover": handover.to_json() if handover else None,
         "last_reload": last_reload,
     }
+
+
+def notices(cfg: Config, host: RealHost, master: int) -> list[str]:
+    found = host.config_drift(master)
+    try:
+        writes_to = os.readlink(f"/proc/{master}/fd/1")
+    except OSError:
+        writes_to = None
+    if writes_to and writes_to != str(cfg.log_file.absolute()):
+        found.append(f"master {master} logs to {writes_to} (the log was rotated by rename); "
+                     f"the next swap's generation writes to {cfg.log_file} again")
+    return found
 
 
 def problems(cfg: Config, host: RealHost, master: int, health: dict | None,

@@ -140,6 +140,18 @@ def holds_open(pid: int, path: os.PathLike | str) -> bool:
     return held_fd(pid, path) is not None
 
 
+def parked_in_poll(pid: int) -> bool:
+    """True if pid sleeps in poll(): where a suspended uWSGI worker waits for its resume
+    (`poll(NULL, 0, 10000)`); an idle one waits in epoll or on the accept lock instead.
+    /proc/PID/wchan needs no privilege and no log line, which a rotation can hide."""
+    try:
+        with open(f"/proc/{pid}/wchan") as handle:
+            where = handle.read()
+    except OSError:
+        return False
+    return where.startswith(("poll_schedule_timeout", "do_sys_poll"))
+
+
 def unix_sockets(pid: int) -> set[str]:
     """The paths of the bound unix sockets pid holds (from /proc/net/unix, by inode)."""
     inodes = set()
