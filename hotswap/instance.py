@@ -158,7 +158,7 @@ def status(cfg: Config) -> dict:
         "healthy": bool(master) and health is not None,
         "problems": problems(cfg, host, master, health, document) if master else [],
         # not wrong, worth knowing: ini changes only a restart applies, a rotated log
-        "notices": notices(cfg, host, master) if master else [],
+        "notices": notices(cfg, host, master, document) if master else [],
         "master_pid": master,
         "parked_master_pid": masters.parked,
         "loading_master_pids": masters.loading,
@@ -180,8 +180,12 @@ def status(cfg: Config) -> dict:
     }
 
 
-def notices(cfg: Config, host: RealHost, master: int) -> list[str]:
+def notices(cfg: Config, host: RealHost, master: int, document: dict | None) -> list[str]:
     found = host.config_drift(master)
+    if document is None:
+        found.append(f"the stats socket {cfg.stats_socket} does not answer for master {master} "
+                     "(re-bound by a generation that was rolled back?): workers are listed "
+                     "from /proc; their details return with the next reload")
     try:
         writes_to = os.readlink(f"/proc/{master}/fd/1")
     except OSError:
@@ -206,8 +210,4 @@ def problems(cfg: Config, host: RealHost, master: int, health: dict | None,
         busy = sum(w["status"] == "busy" for w in stats.workers(document or {}))
         found.append(f"master {master} runs, but /healthz does not answer" + (
             f" ({busy} workers busy with requests)" if busy else "") + ": see the log")
-    if document is None:
-        found.append(f"the stats socket {cfg.stats_socket} does not answer for master {master} "
-                     "(re-bound by a generation that was rolled back?): worker details "
-                     "return with the next reload")
     return found
