@@ -9,11 +9,13 @@
                      FAILED
 
 PREFLIGHT   repair what an interrupted swap left (repair.py), refuse what it cannot; note the
-            serving master and generation.
+            serving master and generation; refuse a second generation that does not fit in
+            memory (MemoryGuard, memory.py), unless --force.
 FORKING     "1f" into the live FIFO: the old master moves to the standby FIFO and forks a
             fresh master, which re-reads srv.ini and re-imports the app.
 LOADING     wait for the new generation's hand-over (handover.py) to commit: the moment its
             hook is about to write "q" to the old master, recorded before it does.
+            An OOM kill in the service's memory cgroup meanwhile is a failure that says so.
 RETIRING    the old master drains its in-flight requests and exits (own budget: --drain);
             an interrupt from here on is noted, and the swap finishes.
 VERIFYING   /healthz answers from the new master; every worker accepts.
