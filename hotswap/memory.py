@@ -95,11 +95,16 @@ def mem_available() -> int | None:
 
 
 # -- the memory cgroup ------------------------------------------------------------------------
-def _read_int(path: Path) -> int | None:
+def _words(path: Path) -> list[str]:
     try:
-        return int(path.read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
+        return path.read_text().split()
+    except OSError:
+        return []
+
+
+def _read_int(path: Path) -> int | None:
+    words = _words(path)
+    return int(words[0]) if words and words[0].lstrip("-").isdigit() else None
 
 
 def _keyed(path: Path) -> dict[str, int]:
@@ -123,12 +128,11 @@ def _mounts() -> tuple[Path | None, Path | None]:
         fields, tail = before.split(), after.split()
         if len(fields) < 5 or len(tail) < 3:
             continue
+        mount = Path(fields[4])
         if tail[0] == "cgroup" and "memory" in tail[2].split(","):
-            v1 = Path(fields[4])
-        elif tail[0] == "cgroup2" and "memory" in (
-                (Path(fields[4]) / "cgroup.controllers").read_text().split()
-                if (Path(fields[4]) / "cgroup.controllers").exists() else []):
-            v2 = Path(fields[4])
+            v1 = mount
+        elif tail[0] == "cgroup2" and "memory" in _words(mount / "cgroup.controllers"):
+            v2 = mount
     return v1, v2
 
 
@@ -156,9 +160,7 @@ class Cgroup:
             usage = _read_int(level / "memory.usage_in_bytes")
             inactive = _keyed(level / "memory.stat").get("total_inactive_file", 0)
         else:
-            raw = (level / "memory.max").read_text().strip() if (
-                level / "memory.max").exists() else "max"
-            limit = None if raw == "max" else int(raw)
+            limit = _read_int(level / "memory.max")  # None for "max"
             usage = _read_int(level / "memory.current")
             inactive = _keyed(level / "memory.stat").get("inactive_file", 0)
         if limit is None or limit >= NO_LIMIT:

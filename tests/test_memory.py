@@ -217,6 +217,19 @@ def test_the_tightest_limit_up_the_tree_counts(tmp_path: Path):
     assert group.oom_kills() == 3
 
 
+def test_cgroup_v2_reads_memory_max_current_and_events(tmp_path: Path):
+    parent, own = tmp_path / "system.slice", tmp_path / "system.slice" / "hotswap.service"
+    own.mkdir(parents=True)
+    for level, limit, current in ((parent, "max", 900 * MIB), (own, f"{256 * MIB}", 200 * MIB)):
+        (level / "memory.max").write_text(f"{limit}\n")
+        (level / "memory.current").write_text(f"{current}\n")
+        (level / "memory.stat").write_text(f"anon 1\ninactive_file {20 * MIB}\n")
+    (own / "memory.events").write_text("low 0\nhigh 0\nmax 4\noom 1\noom_kill 1\n")
+    group = memory.Cgroup(own, 2, tmp_path)
+    assert group.tightest() == (256 * MIB, 180 * MIB)
+    assert group.oom_kills() == 1
+
+
 def test_room_fits_only_when_the_estimate_and_its_margin_fit():
     room = memory.Room(needs=100 * MIB, margin_percent=25, mem_available=10_000 * MIB,
                        cgroup="/x", limit=400 * MIB, in_use=280 * MIB)
