@@ -26,7 +26,7 @@ from . import procs
 MIB = 1024 * 1024
 # Headroom on top of the estimate: an import peaks above what it keeps (the file read whole,
 # then parsed), and the new workers dirty copy-on-write pages before the old ones are gone.
-DEFAULT_MARGIN_PERCENT = 25.0
+DEFAULT_MARGIN_PERCENT = 30.0
 # The service's own oom_score_adj, as `hotswap start` found it: what a generation returns to.
 NORMAL_SCORE_NAME = "oom_score_adj"
 # cgroup v1 says "no limit" with a huge number (PAGE_COUNTER_MAX pages, in bytes).
