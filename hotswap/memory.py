@@ -68,8 +68,8 @@ def estimate(pids: list[int]) -> int | None:
     of anonymous PSS, for a master holding 105 MiB of anonymous memory). PSS splits each
     shared page among its sharers, so the sum counts every page once. File-backed pages
     (code, libraries, the memory-mapped store) are left out: the new generation maps the same
-    files and shares their page cache, which the kernel can reclaim anyway. Kernels before
-    5.9 have no Pss_Anon: the whole Pss then (an overestimate by the file pages)."""
+    files and shares their page cache, which the kernel can reclaim anyway. On a kernel
+    without Pss_Anon in smaps_rollup: the whole Pss (an overestimate by the file pages)."""
     total, seen = 0, False
     for pid in pids:
         figures = rollup(pid)
