@@ -253,7 +253,8 @@ class ToCommit(Swap):
         if isinstance(outcome, Handover):  # ABORTED by the hook itself
             return self.fail(outcome.error or "the hand-over was aborted")
         if outcome in ("dead", "oom"):
-            return self.fail(self.memory.cause(new, old, dead=outcome == "dead")
+            return self.fail(self.memory.cause(new, old, outcome == "dead",
+                                               self.host.log_since(self.log_mark))
                              or f"new master {new} exited while loading the release")
         if outcome == "stalled":
             return self.fail(f"the hand-over of master {new} stalled with the old workers "
@@ -424,8 +425,9 @@ class MemoryGuard:
         now = self.host.oom_kills(master)
         return "oom" if now is not None and now > before else None
 
-    def cause(self, new: int | None, old: int | None, dead: bool) -> str | None:
-        """Why the new generation failed, if it was the OOM killer."""
+    def cause(self, new: int | None, old: int | None, dead: bool, log: bytes) -> str | None:
+        """Why the new generation failed, if it was the OOM killer (`log`: the uWSGI log
+        since the swap began, where a master reports a worker killed by SIGKILL)."""
         if not self.oom_killed(old, in_cgroup=not dead):
             return None
         # The kernel counts the kill before its SIGKILL has taken the victim down.
@@ -435,6 +437,10 @@ class MemoryGuard:
             f"no cgroup limit; {memory.human(room.mem_available if room else None)} was available"
         if dead:
             return f"new master {new} was killed by the kernel's OOM killer while loading ({limit})"
+        workers = uwsgilog.sigkilled_workers(log)
+        if workers:
+            return (f"worker {workers[-1]} of new master {new} was killed by the kernel's OOM "
+                    f"killer while loading ({limit})")
         return (f"the kernel's OOM killer killed a process of the new generation (master {new}) "
                 f"while it loaded ({limit})")
 

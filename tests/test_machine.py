@@ -422,6 +422,21 @@ def test_an_oom_kill_in_the_new_generation_with_its_master_alive_rolls_back():
     assert_old_serves(host)
 
 
+def test_an_oom_killed_worker_is_named_from_the_uwsgi_log():
+    host = FakeHost(plan=[])
+
+    def kill_worker() -> None:
+        host.oom_kill(NEW + 2)
+        host.log += (b"Thu Nov 26 14:00:00 2026 - DAMN ! worker 2 (pid: 202) died, killed by "
+                     b"signal 9 :( trying respawn ...\n")
+
+    host.at(0.3, kill_worker)
+    result = Reload(host, 30.0, 5.0).run()
+    assert result.message.startswith("worker 202 of new master 200 was killed by the kernel's "
+                                     "OOM killer while loading"), result.message
+    assert_old_serves(host)
+
+
 def test_a_crash_without_an_oom_kill_keeps_its_own_message():
     host = FakeHost(plan=[])
     host.at(0.3, lambda: host.kill_generations([NEW]))
