@@ -188,7 +188,12 @@ class RealHost:
             # hook takes it, and killing it releases it.
             current = record.read(self.cfg.run_dir)
             if current and current.performer_pid:
-                procs.signal_quietly(current.performer_pid, signal.SIGKILL)
+                # Its worker too: uWSGI runs the hook with safeexec, so a worker whose hook
+                # dies goes on to accept, before the commit, in a generation being aborted.
+                worker = procs.ancestor_below(current.performer_pid, master)
+                for pid in (current.performer_pid, worker):
+                    if pid:
+                        procs.signal_quietly(pid, signal.SIGKILL)
             try:
                 return self._abort(master, error)
             except TimeoutError as exc:
