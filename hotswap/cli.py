@@ -224,6 +224,9 @@ def _format_status(report: dict) -> str:
         lines.append(f"memory      {_format_memory(report['memory'])}")
     for worker in report["workers"]:
         store = f"  store {worker['store']}" if worker.get("store") else ""
+        if worker["id"] is None:  # listed from /proc: the stats socket did not answer
+            lines.append(f"worker ?    pid {worker['pid']:<8} (no stats)")
+            continue
         lines.append(f"worker {worker['id']:<4} pid {worker['pid']:<8} {worker['status']:<8} "
                      f"{worker['requests']} requests{store}")
     for name, info in report["fifos"].items():

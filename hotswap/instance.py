@@ -189,8 +189,8 @@ def notices(cfg: Config, host: RealHost, master: int, document: dict | None) -> 
     found = host.config_drift(master)
     if document is None:
         found.append(f"the stats socket {cfg.stats_socket} does not answer for master {master} "
-                     "(re-bound by a generation that was rolled back?): workers are listed "
-                     "from /proc; their details return with the next reload")
+                     "(its file removed, or re-bound by a generation that was rolled back): "
+                     "workers are listed from /proc; their details return with the next reload")
     try:
         writes_to = os.readlink(f"/proc/{master}/fd/1")
     except OSError:
