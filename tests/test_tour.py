@@ -176,6 +176,7 @@ def test_the_readme_tour(clone):
     assert stop.returncode == 0, stop.stderr
     assert terminals[-1].process.wait(timeout=STEP_TIMEOUT) == 0
     assert terminals[-1].output().rstrip().endswith("hotswap: stopped")
+    assert "removed stale" not in terminals[-1].output()  # Ctrl-C left nothing to clear
     assert run_files(root / "run") == after_ctrl_c
     assert not {"0.fifo", "1.fifo", "http.sock", "stats.sock", "master.pid",
                 "handover.json"} & after_ctrl_c
