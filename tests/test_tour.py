@@ -100,9 +100,14 @@ class Terminal:
         return self.log.read_text()
 
     def stop(self) -> None:
+        """Teardown: Ctrl-C (the supervisor stops its masters), then SIGKILL if need be."""
         if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+            os.killpg(self.process.pid, signal.SIGINT)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
 
 
 @pytest.fixture
