@@ -148,3 +148,17 @@ def test_paths_under_the_current_folder_are_shown_relatively(tmp_path: Path, mon
 def test_a_small_resource_is_not_zero_mib():
     assert size_text(700 * 1024) == "700 KiB"
     assert size_text(3 * 2**20) == "3.0 MiB" and size_text(51 * 2**20) == "51 MiB"
+
+
+def test_not_linux_is_one_line(tmp_path: Path):
+    uname = tmp_path / "bin" / "uname"
+    uname.parent.mkdir()
+    uname.write_text("#!/bin/sh\necho Darwin\n")
+    uname.chmod(0o755)
+    done = subprocess.run(["bash", str(REPO / "scripts/check-prereqs.sh"), sys.executable],
+                          capture_output=True, text=True, cwd=REPO,
+                          env=dict(os.environ, PATH=f"{uname.parent}:{os.environ['PATH']}"))
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [
+        "prerequisite missing: Linux: this is Darwin; hotswap reads /proc and uses "
+        "prctl(PR_SET_CHILD_SUBREAPER)"]
