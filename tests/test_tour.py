@@ -10,7 +10,8 @@ Two markers say what a terminal does that a script cannot type: `<!-- tour: back
 (Ctrl-C to that terminal's process group, as a terminal sends it).
 
 Beyond the commands: the generation changes on the good reload and not on the refused one;
-Ctrl-C leaves in run/ exactly what `hotswap stop` leaves; `make status` names the CLI's code.
+Ctrl-C leaves in run/ exactly what `hotswap stop` leaves; `make reload` and `make status`
+exit with make's 2 but name the CLI's own code and its meaning.
 """
 
 from __future__ import annotations
@@ -135,6 +136,11 @@ def clone(tmp_path: Path):
         procs.signal_quietly(json.loads(masters.stdout)["master_pid"], signal.SIGINT)
 
 
+def make(root: Path, env: dict, target: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["make", "--no-print-directory", target], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=STEP_TIMEOUT)
+
+
 def generation(root: Path) -> str | None:
     health = probe.healthz(root / "run" / "http.sock", timeout=5.0)
     return health.get("generation") if health else None
@@ -177,6 +183,14 @@ def test_the_readme_tour(clone):
     terminals.append(Terminal(" ".join([*hotswap, "start"]), root, env,
                               root.parent / "terminal-2.out"))
     assert procs.wait_until(lambda: generation(root), STEP_TIMEOUT), terminals[-1].output()
+    # `make reload` of a broken release: make's own 2, but it names the CLI's 1 and why
+    good = (root / "srv.py").read_text()
+    (root / "srv.py").write_text(good + 'raise RuntimeError("broken for make")\n')
+    made = make(root, env, "reload")
+    (root / "srv.py").write_text(good)
+    assert made.returncode == 2, made.stdout + made.stderr
+    assert "`hotswap reload` exited 1: reload failed" in made.stderr, made.stderr
+    assert "broken for make" in made.stderr
     stop = subprocess.run([*hotswap, "stop"], cwd=root, capture_output=True, text=True)
     assert stop.returncode == 0, stop.stderr
     assert terminals[-1].process.wait(timeout=STEP_TIMEOUT) == 0
@@ -188,7 +202,6 @@ def test_the_readme_tour(clone):
 
     # the make targets: make's own code is 2 for any failure, so they name the CLI's code
     for target, code in (("status", 3), ("reload", 3)):
-        made = subprocess.run(["make", "--no-print-directory", target], cwd=root, env=env,
-                              capture_output=True, text=True, timeout=STEP_TIMEOUT)
+        made = make(root, env, target)
         assert made.returncode == 2
         assert f"`hotswap {target}` exited {code}: nothing is running" in made.stderr
