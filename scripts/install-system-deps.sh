@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Install the Debian packages the tests and the bench use: curl and socat (the shell health
-# checks), nginx and wrk (the bench's independent client), systemd (the systemd tests),
+# Install the Debian packages the tests and the bench use: git and curl (tests/test_tour.py
+# runs the README's tour), curl and socat (the shell health checks), nginx and wrk (the
+# bench's independent client), systemd (the systemd tests),
 # sshd (tests/test_fleet.py runs one Ansible host over a real SSH connection to 127.0.0.1),
 # logrotate (tests/test_integrity.py rotates the log with deploy/logrotate.conf), and what
 # compiles uWSGI for the system python (gcc, python3-dev, python3-venv): the systemd tests
@@ -9,7 +10,7 @@
 # As root it installs what is missing; otherwise it says what is missing and the tests that
 # need it skip with that reason.
 set -euo pipefail
-declare -A need=([curl]=curl [socat]=socat [nginx]=nginx-light [wrk]=wrk [sshd]=openssh-server [logrotate]=logrotate)
+declare -A need=([curl]=curl [git]=git [socat]=socat [nginx]=nginx-light [wrk]=wrk [sshd]=openssh-server [logrotate]=logrotate)
 [ -x /lib/systemd/systemd ] || need[systemd]=systemd
 need[gcc]=gcc
 sys_include=$(/usr/bin/python3 -c 'import sysconfig; print(sysconfig.get_paths()["include"])' 2>/dev/null || true)
