@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from . import config, notify, probe
+from . import config, memory, notify, probe
 from . import instance as inst
 from . import refresh as data_refresh
 from .config import here
@@ -112,17 +112,24 @@ def start(ctx: Context, exec_mode: bool | None) -> None:
               show_default=True, help="Seconds to wait for the old generation's in-flight "
               "requests once the new one serves (past it, reload succeeds with a warning).")
 @click.option("--force", is_flag=True, help="Swap even if the serving generation does not "
-              "answer /healthz (e.g. to replace a broken release).")
+              "answer /healthz (e.g. to replace a broken release), or if a second generation "
+              "does not seem to fit in memory (one that does not is killed by the OOM killer "
+              "while loading, and rolled back).")
+@click.option("--memory-margin", type=click.FloatRange(min=0.0), envvar="HOTSWAP_MEMORY_MARGIN",
+              default=memory.DEFAULT_MARGIN_PERCENT, show_default=True,
+              help="Percent added to the serving generation's memory when checking that a "
+              "second one fits (env HOTSWAP_MEMORY_MARGIN); exit 7 if it does not.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @pass_context
 def reload_cmd(ctx: Context, timeout: float, drain_timeout: float, force: bool,
-               as_json: bool) -> None:
+               memory_margin: float, as_json: bool) -> None:
     """Swap in a new generation; return when it serves and the old one is gone."""
     def show(phase: Phase, at: float, detail: str) -> None:
         if not as_json:
             click.echo(here(f"  [{at:7.2f}s] {phase.value:<12} {detail}"))
 
-    result = reload(ctx.cfg, timeout, drain_timeout, show, force=force)
+    result = reload(ctx.cfg, timeout, drain_timeout, show, force=force,
+                    memory_margin=memory_margin)
     try:
         write_last_reload(ctx.cfg, result)
     except OSError as exc:  # a full run dir must not hide the outcome behind exit 2
@@ -216,6 +223,8 @@ def _format_status(report: dict) -> str:
                      "(retiring, or left by an interrupted swap: `hotswap recover`)")
     for pid in report["loading_master_pids"]:
         lines.append(f"loading     master {pid} (a release being imported)")
+    if report.get("memory"):
+        lines.append(f"memory      {_format_memory(report['memory'])}")
     for worker in report["workers"]:
         store = f"  store {worker['store']}" if worker.get("store") else ""
         lines.append(f"worker {worker['id']:<4} pid {worker['pid']:<8} {worker['status']:<8} "
@@ -236,6 +245,17 @@ def _format_status(report: dict) -> str:
         when = f" at {last['finished_at']}" if last.get("finished_at") else ""
         lines.append(f"last reload {outcome}{when} in {last['seconds']}s: {last['message']}")
     return "\n".join(lines)
+
+
+def _format_memory(room: dict) -> str:
+    """One line: what a second generation needs, and the headroom left after it."""
+    needs = memory.human(room["required"])
+    if room["headroom"] is None:
+        return f"a reload needs ~{needs}; available unknown"
+    verdict = "fits" if room["fits"] else "does NOT fit (reload exits 7; --force)"
+    headroom = memory.human(abs(room["headroom"]))
+    return (f"a reload needs ~{needs}, {memory.human(room['available'])} available: "
+            f"{verdict}, {headroom} {'spare' if room['fits'] else 'short'}")
 
 
 @main.command(name="probe")

@@ -11,7 +11,7 @@ import signal
 import socket
 from pathlib import Path
 
-from . import drift, fifo, files, probe, procs, record, stats, store
+from . import drift, fifo, files, memory, probe, procs, record, stats, store
 from .config import Config
 from .errors import ExitCode, HotswapError
 from .host import RealHost
@@ -79,6 +79,7 @@ def prepare_start(cfg: Config) -> tuple[int, list[Path]]:
     lock_fd = hold_instance_lock(cfg)  # closes the race between two starts
     removed = clear_stale_files(cfg)
     drift.record_start(cfg)
+    memory.remember_normal_score(cfg.run_dir)  # what each generation returns to once it serves
     return lock_fd, removed
 
 
@@ -143,6 +144,8 @@ def status(cfg: Config) -> dict:
     masters = host.masters()
     handover = record.read(cfg.run_dir)
     master = masters.live
+    # what a reload would need, and whether it fits (memory.py)
+    room = host.memory_room(master, memory.DEFAULT_MARGIN_PERCENT) if master else None
     health = probe.healthz(cfg.http_socket, timeout=2.0) if master else None
     document = stats.read(cfg.stats_socket) if master else None
     if document and document.get("pid") != master:
@@ -179,6 +182,8 @@ def status(cfg: Config) -> dict:
         "reload_in_progress": holder(cfg),
         "handover": with_iso_times(handover.to_json()) if handover else None,
         "last_reload": last_reload,
+        "memory": room.to_json() if room else None,
+        "oom_score_adj": memory.score(master) if master else None,
     }
 
 

@@ -140,6 +140,19 @@ def holds_open(pid: int, path: os.PathLike | str) -> bool:
     return held_fd(pid, path) is not None
 
 
+def ancestor_below(pid: int, top: int, levels: int = 3) -> int | None:
+    """The ancestor of pid (or pid itself) whose parent is `top`, within `levels` steps:
+    for a hook process, the uWSGI worker of master `top` that runs it."""
+    for _ in range(levels + 1):
+        info = stat(pid)
+        if info is None:
+            return None
+        if info.ppid == top:
+            return pid
+        pid = info.ppid
+    return None
+
+
 def parked_in_poll(pid: int) -> bool:
     """True if pid sleeps in poll(): where a suspended uWSGI worker waits for its resume
     (`poll(NULL, 0, 10000)`); an idle one waits in epoll or on the accept lock instead.
