@@ -11,6 +11,7 @@ import click
 from . import config, memory, notify, probe
 from . import instance as inst
 from . import refresh as data_refresh
+from .config import here
 from .errors import MEANING, ExitCode, HotswapError
 from .reload import Phase, reload, write_last_reload
 from .supervisor import Supervisor
@@ -86,7 +87,7 @@ def start(ctx: Context, exec_mode: bool | None) -> None:
     cfg = ctx.cfg
     lock_fd, removed = inst.prepare_start(cfg)
     for path in removed:
-        click.echo(f"hotswap: removed stale {path}", err=True)
+        click.echo(here(f"hotswap: removed stale {path}"), err=True)
     env = dict(os.environ, HOTSWAP_PYTHON=sys.executable)
     if "NOTIFY_SOCKET" in env:
         # The accepting hook notifies systemd, when worker 1 really accepts; uWSGI's own
@@ -95,7 +96,8 @@ def start(ctx: Context, exec_mode: bool | None) -> None:
     argv = [str(cfg.uwsgi), "--ini", str(cfg.ini)]
     if exec_mode is None:
         exec_mode = "HOTSWAP_NOTIFY_SOCKET" in env
-    click.echo(f"hotswap: starting uWSGI on {cfg.http_socket} (log: {cfg.log_file})", err=True)
+    click.echo(here(f"hotswap: starting uWSGI on {cfg.http_socket} (log: {cfg.log_file})"),
+               err=True)
     if exec_mode:
         os.execve(argv[0], argv, env)
     sys.exit(Supervisor(cfg, argv, env, lock_fd).run())
@@ -124,7 +126,7 @@ def reload_cmd(ctx: Context, timeout: float, drain_timeout: float, force: bool,
     """Swap in a new generation; return when it serves and the old one is gone."""
     def show(phase: Phase, at: float, detail: str) -> None:
         if not as_json:
-            click.echo(f"  [{at:7.2f}s] {phase.value:<12} {detail}")
+            click.echo(here(f"  [{at:7.2f}s] {phase.value:<12} {detail}"))
 
     result = reload(ctx.cfg, timeout, drain_timeout, show, force=force,
                     memory_margin=memory_margin)
@@ -147,15 +149,16 @@ def reload_cmd(ctx: Context, timeout: float, drain_timeout: float, force: bool,
         click.echo(f"reload ok in {result.seconds:.2f}s: {result.message}")
     else:
         click.echo(
-            f"hotswap: reload FAILED after {result.seconds:.2f}s: {result.message}", err=True
+            here(f"hotswap: reload FAILED after {result.seconds:.2f}s: {result.message}"),
+            err=True,
         )
         if result.log_tail:
             click.echo("--- uWSGI log since the reload began (tail) ---", err=True)
             for line in result.log_tail:
-                click.echo(f"  {line}", err=True)
+                click.echo(here(f"  {line}"), err=True)
     if not as_json:
         for warning in result.warnings:
-            click.echo(f"hotswap: warning: {warning}", err=True)
+            click.echo(here(f"hotswap: warning: {warning}"), err=True)
     sys.exit(result.exit_code)
 
 
@@ -199,7 +202,7 @@ def status(ctx: Context, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(report, indent=1))
     else:
-        click.echo(_format_status(report))
+        click.echo(here(_format_status(report)))
     if not report["running"]:
         sys.exit(ExitCode.NOT_RUNNING)
     sys.exit(ExitCode.INCONSISTENT if report["problems"] else ExitCode.OK)
@@ -231,7 +234,7 @@ def _format_status(report: dict) -> str:
                      f"{worker['requests']} requests{store}")
     for name, info in report["fifos"].items():
         lines.append(f"fifo {name:<7} {info['state']:<10} {info['path']}")
-    lines.append(f"socket      {report['socket']}")
+    lines.append(f"socket       {report['socket_state']:<10} {report['socket']}")
     lines.append(f"log         {report['log_file']}")
     if report["reload_in_progress"]:
         lines.append(f"reload      in progress (pid {report['reload_in_progress']})")
@@ -242,7 +245,8 @@ def _format_status(report: dict) -> str:
     last = report["last_reload"]
     if last:
         outcome = "ok" if last["ok"] else f"FAILED (exit {last['exit_code']})"
-        lines.append(f"last reload {outcome} in {last['seconds']}s: {last['message']}")
+        when = f" at {last['finished_at']}" if last.get("finished_at") else ""
+        lines.append(f"last reload {outcome}{when} in {last['seconds']}s: {last['message']}")
     return "\n".join(lines)
 
 

@@ -487,7 +487,8 @@ def _ms(seconds: float | None) -> str:
 
 
 def write_last_reload(cfg: Config, result: ReloadResult) -> None:
-    files.atomic_write(cfg.last_reload_file, json.dumps(result.to_json(), indent=1),
+    document = {**result.to_json(), "finished_at": files.iso_time()}
+    files.atomic_write(cfg.last_reload_file, json.dumps(document, indent=1),
                        owner_of=cfg.run_dir)
 
 
