@@ -1,6 +1,6 @@
 """What `hotswap start` refuses: a uWSGI or an ini with which a swap breaks in a known way.
 
-Each check reads what uWSGI itself sees (config.read_values: one `uwsgi --get` call for
+Each check reads what uWSGI itself sees (config.read_keys: one `uwsgi --get` call for
 every key, placeholders expanded) and its message says what would break, so the operator
 learns it at start, not from a failed reload under traffic.
 """
@@ -11,7 +11,7 @@ import re
 import subprocess
 from pathlib import Path
 
-from .config import Config, read_values
+from .config import Config, read_keys
 from .errors import ExitCode, HotswapError
 
 MIN_UWSGI = (2, 0, 31)
@@ -59,7 +59,7 @@ def problems(cfg: Config, version: tuple[int, ...] | None,
 
 def refuse_unsafe(cfg: Config) -> None:
     """HotswapError (exit 2) naming the first problem, if any (what `start` calls)."""
-    found = problems(cfg, uwsgi_version(cfg.uwsgi), read_values(cfg.uwsgi, cfg.ini, KEYS))
+    found = problems(cfg, uwsgi_version(cfg.uwsgi), read_keys(cfg, KEYS))
     if found:
         more = f" (and {len(found) - 1} more problem(s))" if len(found) > 1 else ""
         raise HotswapError(f"refusing to start: {found[0]}{more}", ExitCode.CONFIG)

@@ -17,6 +17,14 @@ from pathlib import Path
 from .errors import ExitCode, HotswapError
 from .wsgi import DEFAULT_HEALTH_PATH, HEALTH_PATH_KEY
 
+
+def here(text: str) -> str:
+    """Human output names paths under the current folder relatively (`run/0.fifo`), as
+    they are typed from the repo; --json and the state files keep them absolute."""
+    prefix = os.path.join(os.getcwd(), "")
+    return text.replace(prefix, "") if prefix != "/" else text
+
+
 # srv.ini key -> Config field. Custom keys (run_dir, fifo_*) are srv.ini placeholders.
 REQUIRED_KEYS = {
     "run_dir": "run_dir",
@@ -31,10 +39,6 @@ REQUIRED_KEYS = {
 OPTIONAL_KEYS = {
     HEALTH_PATH_KEY: "health_path",
 }
-# `--get` prints nothing for an unset key and only the first value of a repeated one: a
-# placeholder of our own between two keys' answers tells them apart in one call.
-SEPARATOR_KEY = "hotswap-get-separator"
-SEPARATOR = "--hotswap-get-separator--"
 
 
 @dataclass(frozen=True)
@@ -72,9 +76,12 @@ def find_uwsgi() -> Path:
     return Path(found)
 
 
-def _uwsgi_output(uwsgi: Path, ini: Path, extra: list[str]) -> str:
-    """stdout of `uwsgi --ini INI EXTRA...` (a --get or --version call: it exits at once)."""
-    args = [str(uwsgi), "--ini", str(ini), *extra]
+def _uwsgi_get(uwsgi: Path, ini: Path, keys: list[str], set_ph: str | None = None) -> list[str]:
+    args = [str(uwsgi), "--ini", str(ini)]
+    if set_ph:
+        args += ["--set-ph", set_ph]
+    for key in keys:
+        args += ["--get", key]
     # uWSGI sends "STATUS=initializing uWSGI" to $NOTIFY_SOCKET even for --get, which
     # would overwrite the unit's status line each time the CLI reads its config.
     env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
@@ -87,28 +94,34 @@ def _uwsgi_output(uwsgi: Path, ini: Path, extra: list[str]) -> str:
     if done.returncode != 0:
         detail = (done.stderr.strip().splitlines() or ["no detail"])[-1]
         raise HotswapError(f"uwsgi cannot parse {ini}: {detail}", ExitCode.CONFIG)
-    return done.stdout
+    return [line for line in done.stdout.splitlines() if line.strip()]
 
 
-def _uwsgi_get(uwsgi: Path, ini: Path, keys: list[str]) -> list[str]:
-    extra = [arg for key in keys for arg in ("--get", key)]
-    return [line for line in _uwsgi_output(uwsgi, ini, extra).splitlines() if line.strip()]
+# Asked between keys: `--get` prints nothing for an unset key, so values are told apart by
+# this placeholder's value, not by their position.
+_SEPARATOR = "@@hotswap@@"
 
 
 def read_values(uwsgi: Path, ini: Path, keys: list[str]) -> dict[str, str | None]:
-    """Each key's value as uWSGI sees it (placeholders expanded), None when unset; one call.
-    A repeated key gives its first value."""
-    extra = ["--set-placeholder", f"{SEPARATOR_KEY}={SEPARATOR}"]
-    for key in keys:
-        extra += ["--get", key, "--get", SEPARATOR_KEY]
-    answers: list[list[str]] = [[]]
-    for line in _uwsgi_output(uwsgi, ini, extra).splitlines():
-        if line == SEPARATOR:
-            answers.append([])
+    """What uWSGI resolves for each of `keys` in `ini` (None if unset; the first value of
+    a repeated key), in one uwsgi run."""
+    asked = [name for key in keys for name in (key, "hotswap_separator")]
+    lines = _uwsgi_get(uwsgi, ini, asked, set_ph=f"hotswap_separator={_SEPARATOR}")
+    values: dict[str, str | None] = {}
+    pending: list[str] = []
+    keys_left = iter(keys)
+    for line in lines:
+        if line == _SEPARATOR:
+            values[next(keys_left)] = pending[0] if pending else None
+            pending = []
         else:
-            answers[-1].append(line)
-    return {key: (answer[0] if answer else None)
-            for key, answer in zip(keys, answers, strict=False)}
+            pending.append(line)
+    return values
+
+
+def read_keys(cfg: Config, keys: list[str]) -> dict[str, str | None]:
+    """read_values() for the ini of `cfg`, with its uwsgi."""
+    return read_values(cfg.uwsgi, cfg.ini, keys)
 
 
 def load(ini: str | os.PathLike) -> Config:
@@ -122,12 +135,12 @@ def load(ini: str | os.PathLike) -> Config:
         raise HotswapError(f"cannot read {ini_path}: permission denied", ExitCode.CONFIG)
     uwsgi = find_uwsgi()
     values = read_values(uwsgi, ini_path, [*REQUIRED_KEYS, *OPTIONAL_KEYS])
-    missing = [key for key in REQUIRED_KEYS if not values[key]]
+    missing = [key for key in REQUIRED_KEYS if not values.get(key)]
     if missing:
         raise HotswapError(
             f"{ini_path} does not set {', '.join(missing)} (see the srv.ini shipped with hotswap)",
             ExitCode.CONFIG,
         )
     fields: dict = {field: Path(values[key]) for key, field in REQUIRED_KEYS.items()}
-    fields.update({field: values[key] for key, field in OPTIONAL_KEYS.items() if values[key]})
+    fields.update({field: values[key] for key, field in OPTIONAL_KEYS.items() if values.get(key)})
     return Config(ini=ini_path, uwsgi=uwsgi, **fields)

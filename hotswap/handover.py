@@ -45,7 +45,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import fifo, files, notify, procs, record, uwsgilog
+from . import fifo, files, memory, notify, procs, record, uwsgilog
 from .record import Handover, State
 
 PAUSE_TIMEOUT = 2.0
@@ -162,6 +162,9 @@ def perform(paths: Paths, master: int, existing: Handover | None) -> str:
             return "the record changed under the take-over"
         current = taken
         log(f"took over the hand-over of master {master} at {current.state.value}")
+    # The generation loaded with a high oom_score_adj (srv.ini): it is about to serve, so it
+    # goes back to the service's own before the old master is told to quit (docs/memory.md).
+    log(memory.settle(paths.run_dir, master))
     steps = [(State.STARTED, _notify), (State.NOTIFYING, _notify), (State.NOTIFIED, _pause),
              (State.PAUSING, _wait_paused), (State.PAUSED, _wait_paused),
              (State.COMMITTED, _retire), (State.RETIRE_SENT, _finish)]
@@ -249,7 +252,11 @@ def pause_workers_wait(paths: Paths, retiring: int, offset: int) -> str:
     seen = [0, time.monotonic()]  # parked so far, when that number last grew
 
     def parked_or_busy() -> bool:
-        parked = len(uwsgilog.suspended_workers(uwsgilog.read_since(paths.log_file, offset)))
+        # Two witnesses: the log line, and /proc (a rotated or full log shows no line). A
+        # busy worker polling a socket inside its request counts too: harmless, it is past
+        # accept() and finishes its request after "q".
+        parked = max(len(uwsgilog.suspended_workers(uwsgilog.read_since(paths.log_file, offset))),
+                     sum(procs.parked_in_poll(pid) for pid in workers))
         if parked >= len(workers):
             seen[0] = parked
             return True

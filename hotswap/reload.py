@@ -9,11 +9,13 @@
                      FAILED
 
 PREFLIGHT   repair what an interrupted swap left (repair.py), refuse what it cannot; note the
-            serving master and generation.
+            serving master and generation; refuse a second generation that does not fit in
+            memory (MemoryGuard, memory.py), unless --force.
 FORKING     "1f" into the live FIFO: the old master moves to the standby FIFO and forks a
             fresh master, which re-reads srv.ini and re-imports the app.
 LOADING     wait for the new generation's hand-over (handover.py) to commit: the moment its
             hook is about to write "q" to the old master, recorded before it does.
+            An OOM kill in the service's memory cgroup meanwhile is a failure that says so.
 RETIRING    the old master drains its in-flight requests and exits (own budget: --drain);
             an interrupt from here on is noted, and the swap finishes.
 VERIFYING   the health path answers from the new master; every worker accepts.
@@ -40,7 +42,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 
-from . import files, probe, uwsgilog
+from . import files, memory, probe, stats, uwsgilog
 from .config import Config
 from .errors import ExitCode, HotswapError
 from .host import Host, RealHost, Slot
@@ -48,6 +50,8 @@ from .lock import reload_lock
 from .record import PAUSE_STATES, Handover, State
 from .repair import abort_generation, finish_committed, repair, wait, wake
 
+# The serving generation's health path, asked before anything changes.
+HEALTH_TIMEOUT = 5.0
 SPAWN_TIMEOUT = 10.0  # uWSGI logs the re-forked master's pid right after fork()
 VERIFY_TIMEOUT = 10.0
 # The hook has started the hand-over (systemd's barrier may take 5 s) when the deadline
@@ -59,6 +63,8 @@ HANDOVER_GRACE = 10.0
 PAUSE_STALL = 3.5
 # A committed hook writes "q" within microseconds; if it has not, we write it.
 RETIRE_GRACE = 1.0
+# How long an OOM-killed new master may take to die once the cgroup counted the kill.
+OOM_SETTLE = 1.0
 
 
 class Phase(str, Enum):
@@ -102,8 +108,13 @@ class Swap:
     """A swap's bookkeeping: deadline, timeline, interrupts, and the one way out (end)."""
 
     def __init__(self, host: Host, timeout: float, drain_timeout: float,
-                 on_phase: Callable[[Phase, float, str], None] = lambda *_: None) -> None:
+                 on_phase: Callable[[Phase, float, str], None] = lambda *_: None,
+                 force: bool = False,
+                 memory_margin: float = memory.DEFAULT_MARGIN_PERCENT) -> None:
         self.host = host
+        # swap even when the serving generation does not answer, or a second one won't fit
+        self.force = force
+        self.memory = MemoryGuard(host, memory_margin, force)
         self.timeout = timeout
         self.drain_timeout = drain_timeout
         self.on_phase = on_phase
@@ -170,7 +181,8 @@ class ToCommit(Swap):
         if repaired.draining:
             raise HotswapError(
                 f"old master {repaired.draining} is still draining its in-flight requests "
-                "from the last swap; reload again once it has exited (`hotswap status`)",
+                f"from the last swap{repaired.draining_note()}; reload again once it has "
+                "exited (`hotswap status`)",
                 ExitCode.BUSY,
             )
         live = host.masters().live
@@ -178,11 +190,21 @@ class ToCommit(Swap):
             raise HotswapError("nothing is running: no master reads the live FIFO",
                                ExitCode.NOT_RUNNING)
         result.old_master = live
-        health = host.healthz(min(5.0, self.remaining()))
+        for refusal in host.config_drift(live):
+            raise HotswapError(refusal, ExitCode.CONFIG)
+        health = host.healthz(min(HEALTH_TIMEOUT, self.remaining()))
         result.old_generation = health.get("generation") if health else None
+        if health is None and not self.force:
+            raise HotswapError(
+                f"master {live} serves, but the health path did not answer within "
+                f"{HEALTH_TIMEOUT:g}s{busy_note(host.stats())}: with nothing healthy to "
+                "compare against, a swap could trade a working generation for a broken one; "
+                "see `hotswap status`, or swap anyway with `hotswap reload --force`",
+                ExitCode.INCONSISTENT)
         self.log_mark = host.log_mark()
         self.enter(Phase.PREFLIGHT,
                    f"master {live} serving generation {result.old_generation or '?'}")
+        self.enter(Phase.PREFLIGHT, self.memory.check(live))
         if self.interrupted:
             return self.end(ExitCode.RELOAD_FAILED,
                             f"interrupted by {self.interrupted} before anything changed")
@@ -217,16 +239,23 @@ class ToCommit(Swap):
 
     def wait_committed(self) -> Phase:
         watch = HandoverWatch(self.host, self.result.new_master)
-        outcome = self.poll(watch.outcome, self.remaining())
+        old = self.result.old_master
+
+        def outcome_or_oom():
+            return watch.outcome() or self.memory.oom_killed(old)
+
+        outcome = self.poll(outcome_or_oom, self.remaining())
         if outcome is None and not self.interrupted and watch.started:
-            outcome = self.poll(watch.outcome, HANDOVER_GRACE)
+            outcome = self.poll(outcome_or_oom, HANDOVER_GRACE)
         new = self.result.new_master
         if isinstance(outcome, Handover) and outcome.committed:
             return self._committed(outcome)
         if isinstance(outcome, Handover):  # ABORTED by the hook itself
             return self.fail(outcome.error or "the hand-over was aborted")
-        if outcome == "dead":
-            return self.fail(f"new master {new} exited while loading the release")
+        if outcome in ("dead", "oom"):
+            return self.fail(self.memory.cause(new, old, outcome == "dead",
+                                               self.host.log_since(self.log_mark))
+                             or f"new master {new} exited while loading the release")
         if outcome == "stalled":
             return self.fail(f"the hand-over of master {new} stalled with the old workers "
                              f"paused (hook pid {watch.performer} stopped or stuck)")
@@ -257,9 +286,17 @@ class ToCommit(Swap):
         result.warnings.extend(done.warnings)
         message = failure.cause + uwsgilog.cause_from(self.log_tail())
         if not self._answers_from(result.old_master):
-            return self.end(ExitCode.INCONSISTENT,
-                            f"{message}; and the old generation (master {result.old_master}) "
-                            "does not answer on the health path either: see `hotswap status`")
+            workers = self.host.workers_of(result.old_master)
+            if not workers:
+                return self.end(ExitCode.INCONSISTENT,
+                                f"{message}; and the old generation (master "
+                                f"{result.old_master}) has no worker left and does not answer "
+                                "the health path: see `hotswap status`")
+            result.warnings.append(
+                f"old master {result.old_master} serves again with {len(workers)} workers, "
+                f"but the health path did not answer within {VERIFY_TIMEOUT:g}s"
+                f"{busy_note(self.host.stats())}: busy with long requests, or stuck; "
+                "see `hotswap status`")
         return self.end(failure.code, message, rolled_back=True)
 
 
@@ -326,8 +363,7 @@ class Reload(ToCommit):
     def verify(self) -> Phase:
         host, result = self.host, self.result
         if not host.alive(result.old_master):
-            # A retired master re-creates its FIFO on the way out (uwsgi#1492): clear it,
-            # whatever the health path says next.
+            # A retired master re-creates its FIFO on the way out (uwsgi#1492): clear it.
             host.remove_stale(Slot.STANDBY)
         health = self._answers_from(result.new_master)
         if not health:
@@ -357,6 +393,57 @@ class Reload(ToCommit):
         workers = [w for w in document.get("workers", []) if w.get("pid")]
         ready = sum(1 for w in workers if w.get("accepting"))
         return f"{ready}/{len(workers)}" if workers and ready == len(workers) else None
+
+
+class MemoryGuard:
+    """The preflight's memory check (refuse a swap that does not fit), and the verdict on a
+    new generation that died while loading: the OOM killer, if the cgroup's counter rose."""
+
+    def __init__(self, host: Host, margin_percent: float, force: bool) -> None:
+        self.host = host
+        self.margin_percent = margin_percent
+        self.force = force  # measure (the OOM counter's baseline), never refuse
+        self.room: memory.Room | None = None
+
+    def check(self, master: int) -> str:
+        """The preflight line; raises NO_ROOM when a second generation does not fit."""
+        room = self.room = self.host.memory_room(master, self.margin_percent)
+        if self.force:
+            return f"memory: {room.describe()}; not checked (--force)"
+        if not room.fits:
+            raise HotswapError(
+                f"not enough memory for a second generation: {room.describe()}; nothing was "
+                f"changed, master {master} keeps serving. Free memory, raise the limit, or "
+                "`hotswap reload --force` to try anyway", ExitCode.NO_ROOM)
+        return f"memory: {room.describe()}"
+
+    def oom_killed(self, master: int | None, in_cgroup: bool = True) -> str | None:
+        """"oom" once the OOM killer has struck since check(): in the memory cgroup of
+        `master`, or (not `in_cgroup`, without a cgroup) anywhere on the machine."""
+        before = self.room.oom_kills if self.room else None
+        if before is None or not master or (in_cgroup and not self.room.cgroup):
+            return None
+        now = self.host.oom_kills(master)
+        return "oom" if now is not None and now > before else None
+
+    def cause(self, new: int | None, old: int | None, dead: bool, log: bytes) -> str | None:
+        """Why the new generation failed, if it was the OOM killer (`log`: the uWSGI log
+        since the swap began, where a master reports a worker killed by SIGKILL)."""
+        if not self.oom_killed(old, in_cgroup=not dead):
+            return None
+        # The kernel counts the kill before its SIGKILL has taken the victim down.
+        dead = dead or bool(wait(self.host, lambda: not self.host.alive(new), OOM_SETTLE))
+        room = self.room
+        limit = f"limit {memory.human(room.limit)}" if room and room.limit else \
+            f"no cgroup limit; {memory.human(room.mem_available if room else None)} was available"
+        if dead:
+            return f"new master {new} was killed by the kernel's OOM killer while loading ({limit})"
+        workers = uwsgilog.sigkilled_workers(log)
+        if workers:
+            return (f"worker {workers[-1]} of new master {new} was killed by the kernel's OOM "
+                    f"killer while loading ({limit})")
+        return (f"the kernel's OOM killer killed a process of the new generation (master {new}) "
+                f"while it loaded ({limit})")
 
 
 class HandoverWatch:
@@ -389,19 +476,29 @@ class HandoverWatch:
         return None
 
 
+def busy_note(document: dict | None) -> str:
+    """' (3/4 workers busy with requests)' from a stats document, or ''."""
+    workers = stats.workers(document) if document else []
+    busy = sum(worker["status"] == "busy" for worker in workers)
+    return f" ({busy}/{len(workers)} workers busy with requests)" if busy else ""
+
+
 def _ms(seconds: float | None) -> str:
     return "?" if seconds is None else f"{seconds * 1000:.0f} ms"
 
 
 def write_last_reload(cfg: Config, result: ReloadResult) -> None:
-    files.atomic_write(cfg.last_reload_file, json.dumps(result.to_json(), indent=1),
+    document = {**result.to_json(), "finished_at": files.iso_time()}
+    files.atomic_write(cfg.last_reload_file, json.dumps(document, indent=1),
                        owner_of=cfg.run_dir)
 
 
 def reload(cfg: Config, timeout: float, drain_timeout: float,
-           on_phase: Callable[[Phase, float, str], None] = lambda *_: None) -> ReloadResult:
+           on_phase: Callable[[Phase, float, str], None] = lambda *_: None,
+           force: bool = False,
+           memory_margin: float = memory.DEFAULT_MARGIN_PERCENT) -> ReloadResult:
     """One swap on the real host, with the reload lock held and SIGINT/SIGTERM noted."""
-    machine = Reload(RealHost(cfg), timeout, drain_timeout, on_phase)
+    machine = Reload(RealHost(cfg), timeout, drain_timeout, on_phase, force, memory_margin)
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, lambda sig, _frame: machine.interrupt(signal.Signals(sig).name))

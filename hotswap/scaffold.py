@@ -54,6 +54,13 @@ logto = %(log_dir)/uwsgi.log
 ; request lines would bury the startup log that `hotswap reload` shows on failure
 disable-logging = true
 log-date = true
+; each new generation opens logto by its path: after a rotation by rename, the next swap
+; writes where the CLI reads
+log-reopen = true
+; while a generation loads, the OOM killer picks it first, never the one serving (the
+; accepting hook lowers it again before the commit); safeexec: a failure loses nothing
+loading_oom_score_adj = 1000
+hook-pre-app = safeexec:echo %(loading_oom_score_adj) > /proc/$PPID/oom_score_adj
 
 ; -- the app: imported once, in the master, before the workers fork (no lazy-apps) --
 chdir = %d

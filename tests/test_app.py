@@ -145,7 +145,7 @@ def test_start_refuses_a_config_that_breaks_the_swap(plain: InitProject, name: s
 def test_config_checks_see_what_uwsgi_sees(plain: InitProject):
     """The values the checks read come from uWSGI itself; the version check on its own."""
     cfg = config.load(plain.ini)
-    values = config.read_values(cfg.uwsgi, cfg.ini, checks.KEYS)
+    values = config.read_keys(cfg, checks.KEYS)
     assert values["need-app"] == "true" and values["stats"] == str(cfg.stats_socket)
     assert checks.problems(cfg, checks.uwsgi_version(cfg.uwsgi), values) == []
     old = checks.problems(cfg, (2, 0, 30), values)
