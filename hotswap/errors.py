@@ -28,15 +28,14 @@ MEANING = {
     "new release was rolled back, the old one still serves; start: uWSGI exited before "
     "serving",
     ExitCode.CONFIG: "bad usage or configuration (missing/unreadable ini, permission "
-    "denied); reload: the ini changes a key only a restart applies (a socket, the user, a "
-    "FIFO); start: an ini or uWSGI that breaks the swap (see docs/your-app.md)",
+    "denied); reload: the ini changes a key only a restart applies (a socket, the user, a FIFO)",
     ExitCode.NOT_RUNNING: "nothing is running",
     ExitCode.BUSY: "busy: a reload is in progress, an old master is still draining, or "
     "start found a live instance",
     ExitCode.TIMEOUT: "timeout: reload rolled back a new generation that was too slow (the "
     "old one still serves); stop found the master still draining",
     ExitCode.INCONSISTENT: "a state the kit will not guess about; the message says what to "
-    "do; reload: the serving generation does not answer its health path (--force swaps anyway); "
+    "do; reload: the serving generation does not answer /healthz (--force swaps anyway); "
     "status: it runs but something is wrong (each problem named, with its fix)",
     ExitCode.NO_ROOM: "no room: reload refused before touching anything, because a second "
     "generation (the serving one's memory plus the margin) does not fit in MemAvailable or "
