@@ -327,8 +327,8 @@ def init(app: str, project: str, user: str | None, health_path: str, force: bool
     """Write srv.ini (the kit's settings, serving APP) and hotswap.service into a project."""
     written = scaffold.init(Path(project), app, user, force, health_path)
     for path in written.paths:
-        click.echo(f"wrote {path}")
+        click.echo(here(f"wrote {path}"))
     for warning in written.warnings:
-        click.echo(f"hotswap: warning: {warning}", err=True)
-    ini = written.paths[0]
+        click.echo(here(f"hotswap: warning: {warning}"), err=True)
+    ini = here(str(written.paths[0]))
     click.echo(f"next: hotswap --ini {ini} start   (then `reload` for each new release)")
