@@ -81,6 +81,10 @@ def _uwsgi_get(uwsgi: Path, ini: Path, keys: list[str]) -> list[str]:
     return [line for line in done.stdout.splitlines() if line.strip()]
 
 
+# release.py reads a staged release's srv.ini with it (same parsing, same errors)
+uwsgi_get = _uwsgi_get
+
+
 def load(ini: str | os.PathLike) -> Config:
     """Read the kit's paths from `ini`; a HotswapError says exactly what is wrong."""
     ini_path = Path(ini).absolute()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,7 +19,10 @@ def beside(path: os.PathLike | str) -> Iterator[str]:
         yield tmp
     except BaseException:
         try:
-            os.unlink(tmp)
+            if os.path.isdir(tmp) and not os.path.islink(tmp):
+                shutil.rmtree(tmp)  # a release directory being staged (release.py)
+            else:
+                os.unlink(tmp)
         except FileNotFoundError:
             pass
         raise

@@ -1,0 +1,203 @@
+"""`hotswap watch DROP`: swap when a release lands in a drop folder.
+
+What lands in DROP, one entry per release (a folder, a tarball, or a store file):
+    a folder or a tarball  -> `hotswap deploy ENTRY` (a code release); removed once it serves
+    a *.lmdb store file    -> `hotswap refresh ENTRY` (a data-only release); left where it is,
+                              since the workers map it from there
+    names starting with "." or holding ".tmp"/".part" are ignored: write under such a name
+    and rename it into place, and the watcher never sees half a release.
+
+Rules (the Planner; tests/test_watch.py drives it on a fake clock in milliseconds):
+- nothing runs until the drop folder has been quiet for --quiet seconds (a slow copy ends
+  before its release is acted on);
+- one action at a time; what lands during an action waits, then counts as one follow-up;
+- of several code releases waiting, only the newest is deployed (the others are reported
+  as superseded), and likewise for stores;
+- a failed action is reported once; its entry is not tried again unless it changes.
+
+The loop only reads filesystem batches from watchfiles (inotify underneath) and asks the
+Planner; actions run as `hotswap` subprocesses, so each one gets the CLI's own signal
+handling, lock and exit code, and the watcher's log line quotes its outcome.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Protocol
+
+TARBALL = re.compile(r"\.(tar|tar\.gz|tgz|tar\.bz2|tar\.xz)$")
+HIDDEN = re.compile(r"^\.|\.tmp|\.part$|~$")
+
+
+class Kind(str, Enum):
+    CODE = "deploy"
+    DATA = "refresh"
+
+
+def classify(path: Path) -> Kind | None:
+    """What an entry of the drop folder is, or None (ignored, or gone)."""
+    name = path.name
+    if HIDDEN.search(name) or not path.exists():
+        return None
+    if name.endswith(".lmdb"):
+        return Kind.DATA
+    if path.is_dir() or TARBALL.search(name):
+        return Kind.CODE
+    return None
+
+
+@dataclass(frozen=True)
+class Action:
+    kind: Kind
+    path: Path
+    superseded: tuple[Path, ...] = ()
+
+
+@dataclass(frozen=True)
+class Outcome:
+    ok: bool
+    exit_code: int
+    summary: str  # the action's own last line: its outcome or its cause
+    seconds: float
+
+
+class Planner:
+    """Which action to run, and when: debounce, coalesce, supersede. Pure: time is passed in."""
+
+    def __init__(self, drop: Path, quiet: float,
+                 kind_of: Callable[[Path], Kind | None] = classify) -> None:
+        self.drop = drop
+        self.quiet = quiet
+        self.kind_of = kind_of
+        self.pending: dict[Path, tuple[Kind, int]] = {}  # entry -> (kind, arrival order)
+        self.last_event: float | None = None
+        self._order = 0
+
+    def saw(self, changed: Path, now: float) -> None:
+        """A change anywhere under DROP: it concerns the top-level entry that holds it."""
+        try:
+            parts = changed.relative_to(self.drop).parts
+        except ValueError:
+            return
+        if not parts:
+            return
+        entry = self.drop / parts[0]
+        kind = self.kind_of(entry)
+        if kind is None:
+            self.pending.pop(entry, None)
+            return
+        self.last_event = now
+        self._order += 1
+        self.pending[entry] = (kind, self._order)
+
+    def due(self, now: float) -> Action | None:
+        """The action to run now, if DROP has been quiet long enough; code before data."""
+        if not self.pending or self.last_event is None or now - self.last_event < self.quiet:
+            return None
+        for kind in (Kind.CODE, Kind.DATA):
+            waiting = sorted((order, path) for path, (k, order) in self.pending.items()
+                             if k is kind)
+            if waiting:
+                for _, path in waiting:
+                    del self.pending[path]
+                newest = waiting[-1][1]
+                return Action(kind, newest, tuple(p for _, p in waiting[:-1]))
+        return None
+
+
+class Runner(Protocol):
+    def run(self, action: Action) -> Outcome: ...
+    def discard(self, path: Path) -> None: ...
+
+
+class CliRunner:
+    """Runs `hotswap --ini INI deploy|refresh PATH` and quotes its last line."""
+
+    def __init__(self, ini: Path, deploy_args: list[str]) -> None:
+        self.ini = ini
+        self.deploy_args = deploy_args
+
+    def run(self, action: Action) -> Outcome:
+        extra = self.deploy_args if action.kind is Kind.CODE else []
+        argv = [sys.executable, "-m", "hotswap", "--ini", str(self.ini), action.kind.value,
+                str(action.path), *extra]
+        started = time.monotonic()
+        done = subprocess.run(argv, capture_output=True, text=True, check=False)
+        lines = (done.stdout + done.stderr if done.returncode else done.stdout).splitlines()
+        summary = next((line for line in reversed(lines) if line.strip()), "(no output)")
+        return Outcome(done.returncode == 0, done.returncode, summary.strip(),
+                       time.monotonic() - started)
+
+    def discard(self, path: Path) -> None:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+class Watcher:
+    def __init__(self, planner: Planner, runner: Runner, log: Callable[[str], None],
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.planner = planner
+        self.runner = runner
+        self.log = log
+        self.clock = clock
+        self.results: list[tuple[Action, Outcome]] = []
+
+    def feed(self, paths: Iterable[Path]) -> None:
+        now = self.clock()
+        for path in paths:
+            self.planner.saw(path, now)
+
+    def tick(self) -> Outcome | None:
+        """Run the due action, if any, and log it with its result."""
+        action = self.planner.due(self.clock())
+        if action is None:
+            return None
+        also = (f" (superseding {', '.join(p.name for p in action.superseded)})"
+                if action.superseded else "")
+        self.log(f"{action.kind.value} {action.path}{also}: running")
+        outcome = self.runner.run(action)
+        self.results.append((action, outcome))
+        if outcome.ok:
+            self.log(f"{action.kind.value} {action.path}: ok in {outcome.seconds:.2f}s: "
+                     f"{outcome.summary}")
+            if action.kind is Kind.CODE:
+                self.runner.discard(action.path)  # copied into releases/: no longer needed
+        else:
+            self.log(f"{action.kind.value} {action.path}: FAILED (exit {outcome.exit_code}) in "
+                     f"{outcome.seconds:.2f}s: {outcome.summary}; left in place, not retried "
+                     "until it changes")
+        return outcome
+
+    def run(self, batches: Iterable[Iterable[Path]], stop: threading.Event) -> None:
+        """One batch of changed paths at a time (an empty batch is a timeout tick)."""
+        ready = False
+        for batch in batches:
+            if not ready:
+                ready = True
+                self.log(f"watching {self.planner.drop} (quiet period "
+                         f"{self.planner.quiet:g}s)")
+            self.feed(sorted(batch))
+            if stop.is_set():
+                break
+            self.tick()
+
+
+def inotify_batches(drop: Path, stop: threading.Event, tick_ms: int) -> Iterable[list[Path]]:
+    """watchfiles' batches of changed paths; an empty one every tick_ms without changes."""
+    from watchfiles import watch  # imported here: only `hotswap watch` needs it
+
+    for changes in watch(drop, watch_filter=None, debounce=max(tick_ms, 50), step=50,
+                         stop_event=stop, rust_timeout=tick_ms, yield_on_timeout=True,
+                         raise_interrupt=False):
+        yield [Path(path) for _, path in changes]
