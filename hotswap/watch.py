@@ -132,8 +132,11 @@ class CliRunner:
                 str(action.path), *extra]
         started = time.monotonic()
         done = subprocess.run(argv, capture_output=True, text=True, check=False)
-        lines = (done.stdout + done.stderr if done.returncode else done.stdout).splitlines()
-        summary = next((line for line in reversed(lines) if line.strip()), "(no output)")
+        # the CLI's own verdict: its one "hotswap: ..." line on failure, its last line on success
+        verdicts = [line for line in done.stderr.splitlines() if line.startswith("hotswap:")]
+        lines = done.stdout.splitlines() + done.stderr.splitlines()
+        summary = (verdicts[0] if done.returncode and verdicts
+                   else next((line for line in reversed(lines) if line.strip()), "(no output)"))
         return Outcome(done.returncode == 0, done.returncode, summary.strip(),
                        time.monotonic() - started)
 
@@ -172,7 +175,9 @@ class Watcher:
             self.log(f"{action.kind.value} {action.path}: ok in {outcome.seconds:.2f}s: "
                      f"{outcome.summary}")
             if action.kind is Kind.CODE:
-                self.runner.discard(action.path)  # copied into releases/: no longer needed
+                # copied into releases/, or superseded by what now serves: no longer needed
+                for path in (action.path, *action.superseded):
+                    self.runner.discard(path)
         else:
             self.log(f"{action.kind.value} {action.path}: FAILED (exit {outcome.exit_code}) in "
                      f"{outcome.seconds:.2f}s: {outcome.summary}; left in place, not retried "
