@@ -386,17 +386,18 @@ def releases_cmd(ctx: Context, as_json: bool) -> None:
               help="Seconds without a change in DROP before acting on what landed.")
 @click.option("--keep", type=click.IntRange(min=1), default=rel.DEFAULT_KEEP, show_default=True,
               envvar="HOTSWAP_KEEP_RELEASES", help="Passed to each deploy.")
+@click.option("-v", "--verbose", is_flag=True, help="Also log each change seen in DROP.")
 @pass_context
-def watch_cmd(ctx: Context, drop: Path | None, quiet: float, keep: int) -> None:
+def watch_cmd(ctx: Context, drop: Path | None, quiet: float, keep: int, verbose: bool) -> None:
     """Deploy or refresh what lands in DROP (default ROOT/drop), one action at a time."""
     layout = rel.layout_of(ctx.cfg)
     drop = (drop or layout.root / "drop").absolute()
     drop.mkdir(parents=True, exist_ok=True)
     stop = threading.Event()
+    received: list[str] = []
 
-    def on_signal(signum: int, _frame) -> None:
-        click.echo(f"hotswap watch: {signal.Signals(signum).name}: stopping after the "
-                   "action under way, if any")
+    def on_signal(signum: int, _frame) -> None:  # only noted: the loop stops at its next turn
+        received.append(signal.Signals(signum).name)
         stop.set()
 
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -406,7 +407,7 @@ def watch_cmd(ctx: Context, drop: Path | None, quiet: float, keep: int) -> None:
         click.echo(f"hotswap watch: {line}")
 
     runner = watcher.CliRunner(ctx.cfg.ini, ["--keep", str(keep)])
-    loop = watcher.Watcher(watcher.Planner(drop, quiet), runner, log)
+    loop = watcher.Watcher(watcher.Planner(drop, quiet), runner, log, verbose=verbose)
     tick_ms = int(min(500, max(50, quiet * 250)))
     loop.run(watcher.inotify_batches(drop, stop, tick_ms), stop)
-    log("stopped")
+    log(f"stopped ({', '.join(received) or 'watch ended'})")

@@ -82,22 +82,24 @@ class Planner:
         self.last_event: float | None = None
         self._order = 0
 
-    def saw(self, changed: Path, now: float) -> None:
-        """A change anywhere under DROP: it concerns the top-level entry that holds it."""
+    def saw(self, changed: Path, now: float) -> Path | None:
+        """A change anywhere under DROP: it concerns the top-level entry that holds it.
+        Returns that entry if it is now waiting for an action."""
         try:
             parts = changed.relative_to(self.drop).parts
         except ValueError:
-            return
+            return None
         if not parts:
-            return
+            return None
         entry = self.drop / parts[0]
         kind = self.kind_of(entry)
         if kind is None:
             self.pending.pop(entry, None)
-            return
+            return None
         self.last_event = now
         self._order += 1
         self.pending[entry] = (kind, self._order)
+        return entry
 
     def due(self, now: float) -> Action | None:
         """The action to run now, if DROP has been quiet long enough; code before data."""
@@ -149,17 +151,20 @@ class CliRunner:
 
 class Watcher:
     def __init__(self, planner: Planner, runner: Runner, log: Callable[[str], None],
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, verbose: bool = False) -> None:
         self.planner = planner
         self.runner = runner
         self.log = log
         self.clock = clock
+        self.verbose = verbose
         self.results: list[tuple[Action, Outcome]] = []
 
     def feed(self, paths: Iterable[Path]) -> None:
         now = self.clock()
-        for path in paths:
-            self.planner.saw(path, now)
+        waiting = {self.planner.saw(path, now) for path in paths} - {None}
+        if self.verbose:
+            for entry in sorted(waiting):
+                self.log(f"changed: {entry} (waiting for {self.planner.quiet:g}s of quiet)")
 
     def tick(self) -> Outcome | None:
         """Run the due action, if any, and log it with its result."""
