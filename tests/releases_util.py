@@ -12,9 +12,13 @@ import os
 import shutil
 from pathlib import Path
 
-from conftest import REPO, TEST_TERMS, Service
+from conftest import REPO, Service
 
 from scripts.gen_resource import write_resource
+
+# Small tables: these tests measure swaps, not imports (the first terms of a table are the same
+# whatever its size, so lookups of the v1 table's terms hit in every release)
+TERMS = 5_000
 
 # Blocks the release's import until the test opens ROOT/gate (see conftest.HANGING_PREAMBLE);
 # absolute paths, since the release is copied to a folder whose name the test learns later.
@@ -43,7 +47,7 @@ class LayoutService(Service):
         self.background = []
         self.root.mkdir()
         self.resource = base / "terms-v1.tsv"
-        write_resource(str(self.resource), TEST_TERMS, seed=7, version="v1")
+        write_resource(str(self.resource), TERMS, seed=7, version="v1")
         done = self.cli("init", str(self.root))
         assert done.returncode == 0, done.stderr
 
@@ -57,7 +61,7 @@ class LayoutService(Service):
         if code:  # code first: the __future__ import must then go (annotations stay strings)
             app = code + app.replace("from __future__ import annotations\n", "")
         (folder / "srv.py").write_text(app)
-        write_resource(str(folder / "data" / "terms.tsv"), TEST_TERMS, seed=7, version=name)
+        write_resource(str(folder / "data" / "terms.tsv"), TERMS, seed=7, version=name)
         return folder
 
     def broken_source(self, name: str) -> Path:

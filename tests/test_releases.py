@@ -42,6 +42,7 @@ def test_layout_keeps_the_run_dir_outside_the_releases(svc: LayoutService):
     assert status["release"] == {"current": svc.current(), "serving": svc.current()}
 
 
+@pytest.mark.slow
 def test_deploy_good_then_broken_then_rollback_under_load(svc: LayoutService):
     good, broken = svc.source("v2"), svc.broken_source("v3-broken")
     v1 = svc.current()

@@ -1,0 +1,136 @@
+"""hotswap-watch.service beside hotswap.service under a REAL systemd (tests/systemd_ns.py).
+
+deploy/install-systemd.sh, then deploy/install-releases.sh (the layout in PREFIX/site, the
+drop-in that runs hotswap.service from it, the watch unit) into /opt/hotswap-rtest-<id>;
+a namespaced systemd runs both units; a release dropped into PREFIX/site/drop is swapped in
+by the watcher under load, with nothing lost. Root only; skips with the reason elsewhere.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from systemd_ns import NamespaceSystemd, unavailable_reason, wait_for  # noqa: E402
+
+from bench.loadgen import LoadGenerator, summarize  # noqa: E402
+from hotswap import probe  # noqa: E402
+from scripts.gen_resource import write_resource  # noqa: E402
+
+SERVICE, WATCH = "hotswap.service", "hotswap-watch.service"
+# not "hotswap": tests/test_systemd.py creates and removes that one, maybe at the same time
+SERVICE_USER = "hotswap-rtest"
+TERMS = 50_000
+
+_REASON = unavailable_reason()
+pytestmark = [pytest.mark.skipif(_REASON is not None, reason=f"namespaced systemd: {_REASON}"),
+              pytest.mark.slow]
+
+
+def _user_exists(name: str) -> bool:
+    return subprocess.run(["getent", "passwd", name], capture_output=True).returncode == 0
+
+
+def _run(*argv: str) -> None:
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=900,
+                          env=dict(os.environ, HOTSWAP_NO_DAEMON_RELOAD="1",
+                                   HOTSWAP_USER=SERVICE_USER))
+    assert done.returncode == 0, f"{argv} failed:\n{done.stdout}\n{done.stderr}"
+
+
+@pytest.fixture(scope="module")
+def prefix():
+    prefix = Path(f"/opt/hotswap-rtest-{uuid.uuid4().hex[:8]}")
+    user_existed = _user_exists(SERVICE_USER)
+    try:
+        _run("bash", str(REPO / "deploy" / "install-systemd.sh"), str(prefix),
+             str(prefix / "units"))
+        resource = prefix / "app" / "data" / "terms.tsv"
+        write_resource(str(resource), TERMS, seed=3, version="v1")
+        os.chmod(resource, 0o644)
+        (prefix / "units" / f"{SERVICE}.d").mkdir(exist_ok=True)
+        (prefix / "units" / f"{SERVICE}.d" / "test-mode.conf").write_text(
+            "[Service]\nEnvironment=SRV_MODE=heap\n")
+        _run("bash", str(REPO / "deploy" / "install-releases.sh"), str(prefix),
+             str(prefix / "units"))
+        yield prefix
+    finally:
+        shutil.rmtree(prefix, ignore_errors=True)
+        if not user_existed and _user_exists(SERVICE_USER):
+            subprocess.run(["userdel", SERVICE_USER], check=False)
+
+
+@pytest.fixture(scope="module")
+def systemd(prefix: Path):
+    manager = NamespaceSystemd(prefix / "units", prefix / "ns")
+    manager.start()
+    try:
+        yield manager
+    finally:
+        manager.stop()
+        assert not manager.cgroup_pids(), "processes left in the manager's cgroup"
+
+
+def test_units_pass_systemd_analyze_verify(prefix: Path):
+    folder = prefix / "verify"
+    folder.mkdir()
+    for name in (SERVICE, WATCH):
+        shutil.copy(prefix / "units" / name, folder / name)
+    shutil.copytree(prefix / "units" / f"{SERVICE}.d", folder / f"{SERVICE}.d")
+    done = subprocess.run(["systemd-analyze", "verify", "--man=no", str(folder / WATCH),
+                           str(folder / SERVICE)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert WATCH not in done.stderr and SERVICE not in done.stderr, done.stderr
+
+
+def test_a_dropped_release_is_swapped_in_by_the_watch_unit(systemd: NamespaceSystemd,
+                                                            prefix: Path):
+    site = prefix / "site"
+    socket = systemd.host_path("/run/hotswap/http.sock")
+    systemd.systemctl("start", SERVICE, timeout=300)
+    systemd.systemctl("start", WATCH)
+    wait_for(lambda: "watching" in systemd.journal(WATCH), 30, "the watcher to start")
+    first = probe.healthz(socket)
+    assert first and first["resource_version"] == "v1", first
+
+    # the release: a copy of the first, with a new table; staged under a dot name, then
+    # renamed into the drop folder (complete when it appears)
+    staged = site / ".v2.staging"
+    shutil.copytree(site / "current", staged)
+    write_resource(str(staged / "data" / "terms.tsv"), TERMS, seed=3, version="v2")
+    subprocess.run(["chown", "-R", f"{SERVICE_USER}:{SERVICE_USER}", str(staged)], check=True)
+    os.chmod(staged / "data" / "terms.tsv", 0o644)
+    with LoadGenerator(socket, 32, ("/healthz",), max_seconds=240) as load:
+        wait_for(lambda: len(load.records) >= 64, 30, "load to start")
+        os.rename(staged, site / "drop" / "v2")
+        wait_for(lambda: (h := probe.healthz(socket)) and h["resource_version"] == "v2",
+                 180, f"v2 to serve; journal:\n{systemd.journal(WATCH)}")
+        count = len(load.records)
+        wait_for(lambda: len(load.records) >= count + 64, 30, "traffic after the swap")
+    summary = summarize(load.records)
+    assert summary["failed"] == 0, summary
+    journal = systemd.journal(WATCH)
+    assert f"deploy {site}/drop/v2: ok" in journal, journal
+    state = systemd.show(SERVICE, "ActiveState", "MainPID")
+    assert state["ActiveState"] == "active"
+    assert probe.healthz(socket)["master_pid"] == int(state["MainPID"]), state
+    assert os.readlink(site / "current").endswith("-v2")
+
+    started = time.monotonic()
+    systemd.systemctl("stop", WATCH)
+    watch = systemd.show(WATCH, "ActiveState", "Result")
+    assert watch == {"ActiveState": "inactive", "Result": "success"}, watch
+    assert time.monotonic() - started < 30
+    assert "stopped (SIGTERM)" in systemd.journal(WATCH)
+    assert probe.healthz(socket), "stopping the watcher stopped the service"
+    systemd.systemctl("stop", SERVICE, timeout=200)
