@@ -9,6 +9,7 @@
 #     state/, drop/             the deploy record; where releases land for the watcher
 #   UNIT_DIR/hotswap.service.d/releases.conf   hotswap.service runs from PREFIX/site
 #   UNIT_DIR/hotswap-watch.service             `hotswap watch PREFIX/site/drop`
+#   UNIT_DIR/hotswap-current.path, hotswap-reload.service   or: reload when `current` changes
 #
 # Environment: HOTSWAP_USER (default hotswap), HOTSWAP_NO_DAEMON_RELOAD=1.
 set -euo pipefail
@@ -33,6 +34,7 @@ install -d -m 0750 "$ROOT/drop"
 if [ ! -L "$ROOT/current" ]; then
     "$HOTSWAP" --ini "$ROOT/hotswap.ini" deploy "$PREFIX/app"
 fi
+touch "$ROOT/state/release.stamp"  # hotswap-current.path watches it (must exist to be watched)
 chown -R "$SERVICE_USER:$SERVICE_USER" "$ROOT"
 chmod 0750 "$ROOT"
 
@@ -46,10 +48,13 @@ render() {  # render TEMPLATE DEST
 install -d -m 0755 "$UNIT_DIR/hotswap.service.d"
 render "$REPO/deploy/hotswap-releases.conf" "$UNIT_DIR/hotswap.service.d/releases.conf"
 render "$REPO/deploy/hotswap-watch.service" "$UNIT_DIR/hotswap-watch.service"
+# the systemd-native alternative to the watcher (enable one or the other, docs/releases.md)
+render "$REPO/deploy/hotswap-current.path" "$UNIT_DIR/hotswap-current.path"
+render "$REPO/deploy/hotswap-reload.service" "$UNIT_DIR/hotswap-reload.service"
 say "layout $ROOT (current -> $(readlink "$ROOT/current")); units in $UNIT_DIR"
 
 if [ "$UNIT_DIR" = /etc/systemd/system ] && [ "$(cat /proc/1/comm)" = systemd ] \
         && [ "${HOTSWAP_NO_DAEMON_RELOAD:-0}" != 1 ]; then
     systemctl daemon-reload
-    say "next: systemctl restart hotswap; systemctl enable --now hotswap-watch"
+    say "next: systemctl restart hotswap; systemctl enable --now hotswap-watch (or hotswap-current.path)"
 fi

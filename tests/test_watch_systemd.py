@@ -84,13 +84,19 @@ def systemd(prefix: Path):
 def test_units_pass_systemd_analyze_verify(prefix: Path):
     folder = prefix / "verify"
     folder.mkdir()
-    for name in (SERVICE, WATCH):
+    units = (SERVICE, WATCH, "hotswap-current.path", "hotswap-reload.service")
+    for name in units:
         shutil.copy(prefix / "units" / name, folder / name)
     shutil.copytree(prefix / "units" / f"{SERVICE}.d", folder / f"{SERVICE}.d")
-    done = subprocess.run(["systemd-analyze", "verify", "--man=no", str(folder / WATCH),
-                           str(folder / SERVICE)], capture_output=True, text=True, timeout=60)
+    done = subprocess.run(["systemd-analyze", "verify", "--man=no",
+                           *(str(folder / name) for name in units)],
+                          capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert WATCH not in done.stderr and SERVICE not in done.stderr, done.stderr
+    assert not [name for name in units if name in done.stderr], done.stderr
+    security = subprocess.run(["systemd-analyze", "security", "--offline=true", "--no-pager",
+                               str(folder / WATCH)], capture_output=True, text=True, timeout=60)
+    assert "Overall exposure level for hotswap-watch.service" in security.stdout, security
+    print("\n" + security.stdout.strip().splitlines()[-1])
 
 
 def test_a_dropped_release_is_swapped_in_by_the_watch_unit(systemd: NamespaceSystemd,
@@ -133,4 +139,25 @@ def test_a_dropped_release_is_swapped_in_by_the_watch_unit(systemd: NamespaceSys
     assert time.monotonic() - started < 30
     assert "stopped (SIGTERM)" in systemd.journal(WATCH)
     assert probe.healthz(socket), "stopping the watcher stopped the service"
+
+
+def test_the_path_unit_reloads_on_the_stamp(systemd: NamespaceSystemd, prefix: Path):
+    """The systemd-native alternative: flip `current` by hand, touch the stamp, and
+    hotswap-current.path reloads. (The flip alone does not fire PathChanged=: see the unit.)"""
+    site = prefix / "site"
+    socket = systemd.host_path("/run/hotswap/http.sock")
+    assert probe.healthz(socket)["resource_version"] == "v2"
+    systemd.systemctl("start", "hotswap-current.path")
+    first = next(p.name for p in sorted((site / "releases").iterdir()) if "-v2" not in p.name)
+    with LoadGenerator(socket, 32, ("/healthz",), max_seconds=240) as load:
+        wait_for(lambda: len(load.records) >= 64, 30, "load to start")
+        os.symlink(f"releases/{first}", site / ".current.flip")
+        os.replace(site / ".current.flip", site / "current")  # as `hotswap deploy` does
+        (site / "state" / "release.stamp").touch()
+        wait_for(lambda: (h := probe.healthz(socket)) and h["resource_version"] == "v1",
+                 180, f"the reload; journal:\n{systemd.journal()}")
+    assert summarize(load.records)["failed"] == 0
+    reload = systemd.show("hotswap-reload.service", "Result", "ExecMainStatus")
+    assert reload == {"Result": "success", "ExecMainStatus": "0"}, reload
+    systemd.systemctl("stop", "hotswap-current.path")
     systemd.systemctl("stop", SERVICE, timeout=200)
