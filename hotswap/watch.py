@@ -177,12 +177,12 @@ class Watcher:
         outcome = self.runner.run(action)
         self.results.append((action, outcome))
         if outcome.ok:
-            self.log(f"{action.kind.value} {action.path}: ok in {outcome.seconds:.2f}s: "
-                     f"{outcome.summary}")
             if action.kind is Kind.CODE:
                 # copied into releases/, or superseded by what now serves: no longer needed
                 for path in (action.path, *action.superseded):
                     self.runner.discard(path)
+            self.log(f"{action.kind.value} {action.path}: ok in {outcome.seconds:.2f}s: "
+                     f"{outcome.summary}")
         else:
             self.log(f"{action.kind.value} {action.path}: FAILED (exit {outcome.exit_code}) in "
                      f"{outcome.seconds:.2f}s: {outcome.summary}; left in place, not retried "

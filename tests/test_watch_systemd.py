@@ -21,7 +21,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from systemd_ns import NamespaceSystemd, unavailable_reason, wait_for  # noqa: E402
+from systemd_ns import NamespaceSystemd, unavailable_reason, user_exists, wait_for  # noqa: E402
 
 from bench.loadgen import LoadGenerator, summarize  # noqa: E402
 from hotswap import probe  # noqa: E402
@@ -37,10 +37,6 @@ pytestmark = [pytest.mark.skipif(_REASON is not None, reason=f"namespaced system
               pytest.mark.slow]
 
 
-def _user_exists(name: str) -> bool:
-    return subprocess.run(["getent", "passwd", name], capture_output=True).returncode == 0
-
-
 def _run(*argv: str) -> None:
     done = subprocess.run(argv, capture_output=True, text=True, timeout=900,
                           env=dict(os.environ, HOTSWAP_NO_DAEMON_RELOAD="1",
@@ -51,7 +47,7 @@ def _run(*argv: str) -> None:
 @pytest.fixture(scope="module")
 def prefix():
     prefix = Path(f"/opt/hotswap-rtest-{uuid.uuid4().hex[:8]}")
-    user_existed = _user_exists(SERVICE_USER)
+    user_existed = user_exists(SERVICE_USER)
     try:
         _run("bash", str(REPO / "deploy" / "install-systemd.sh"), str(prefix),
              str(prefix / "units"))
@@ -66,19 +62,15 @@ def prefix():
         yield prefix
     finally:
         shutil.rmtree(prefix, ignore_errors=True)
-        if not user_existed and _user_exists(SERVICE_USER):
+        if not user_existed and user_exists(SERVICE_USER):
             subprocess.run(["userdel", SERVICE_USER], check=False)
 
 
 @pytest.fixture(scope="module")
 def systemd(prefix: Path):
-    manager = NamespaceSystemd(prefix / "units", prefix / "ns")
-    manager.start()
-    try:
+    with NamespaceSystemd(prefix / "units", prefix / "ns") as manager:
         yield manager
-    finally:
-        manager.stop()
-        assert not manager.cgroup_pids(), "processes left in the manager's cgroup"
+    assert not manager.cgroup_pids(), "processes left in the manager's cgroup"
 
 
 def test_units_pass_systemd_analyze_verify(prefix: Path):
