@@ -60,5 +60,10 @@ bench-scale: $(STAMP)
 install-systemd: $(STAMP)
 	bash deploy/install-systemd.sh $(PREFIX) $(UNIT_DIR)
 
+# run/ holds the FIFOs, socket and locks of a live instance: removing them under it leaves
+# the service unreachable (see docs/operations.md), so clean refuses while one runs.
 clean:
+	@if [ -x $(BIN)/hotswap ]; then $(BIN)/hotswap --ini srv.ini status >/dev/null 2>&1; \
+	  rc=$$?; if [ $$rc -ne 3 ]; then echo "make clean: refused: an instance of srv.ini is" \
+	  "running (hotswap status exits $$rc); stop it first: make stop" >&2; exit 1; fi; fi
 	rm -rf run log .pytest_cache .ruff_cache

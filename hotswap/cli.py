@@ -114,15 +114,18 @@ def start(ctx: Context, exec_mode: bool | None) -> None:
 @click.option("--drain", "drain_timeout", type=click.FloatRange(min=0.0), default=90.0,
               show_default=True, help="Seconds to wait for the old generation's in-flight "
               "requests once the new one serves (past it, reload succeeds with a warning).")
+@click.option("--force", is_flag=True, help="Swap even if the serving generation does not "
+              "answer /healthz (e.g. to replace a broken release).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @pass_context
-def reload_cmd(ctx: Context, timeout: float, drain_timeout: float, as_json: bool) -> None:
+def reload_cmd(ctx: Context, timeout: float, drain_timeout: float, force: bool,
+               as_json: bool) -> None:
     """Swap in a new generation; return when it serves and the old one is gone."""
     def show(phase: Phase, at: float, detail: str) -> None:
         if not as_json:
             click.echo(f"  [{at:7.2f}s] {phase.value:<12} {detail}")
 
-    result = reload(ctx.cfg, timeout, drain_timeout, show)
+    result = reload(ctx.cfg, timeout, drain_timeout, show, force=force)
     try:
         write_last_reload(ctx.cfg, result)
     except OSError as exc:  # a full run dir must not hide the outcome behind exit 2
@@ -200,7 +203,9 @@ def status(ctx: Context, as_json: bool) -> None:
         click.echo(json.dumps(report, indent=1))
     else:
         click.echo(_format_status(report))
-    sys.exit(ExitCode.OK if report["running"] else ExitCode.NOT_RUNNING)
+    if not report["running"]:
+        sys.exit(ExitCode.NOT_RUNNING)
+    sys.exit(ExitCode.INCONSISTENT if report["problems"] else ExitCode.OK)
 
 
 def _format_status(report: dict) -> str:
@@ -231,6 +236,10 @@ def _format_status(report: dict) -> str:
     lines.append(f"log         {report['log_file']}")
     if report["reload_in_progress"]:
         lines.append(f"reload      in progress (pid {report['reload_in_progress']})")
+    for problem in report["problems"]:
+        lines.append(f"PROBLEM     {problem}")
+    for notice in report["notices"]:
+        lines.append(f"notice      {notice}")
     last = report["last_reload"]
     if last:
         outcome = "ok" if last["ok"] else f"FAILED (exit {last['exit_code']})"

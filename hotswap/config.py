@@ -62,8 +62,10 @@ def find_uwsgi() -> Path:
     return Path(found)
 
 
-def _uwsgi_get(uwsgi: Path, ini: Path, keys: list[str]) -> list[str]:
+def _uwsgi_get(uwsgi: Path, ini: Path, keys: list[str], set_ph: str | None = None) -> list[str]:
     args = [str(uwsgi), "--ini", str(ini)]
+    if set_ph:
+        args += ["--set-ph", set_ph]
     for key in keys:
         args += ["--get", key]
     # uWSGI sends "STATUS=initializing uWSGI" to $NOTIFY_SOCKET even for --get, which
@@ -83,6 +85,28 @@ def _uwsgi_get(uwsgi: Path, ini: Path, keys: list[str]) -> list[str]:
 
 # release.py reads a staged release's srv.ini with it (same parsing, same errors)
 uwsgi_get = _uwsgi_get
+
+
+# Asked between keys: `--get` prints nothing for an unset key, so values are told apart by
+# this placeholder's value, not by their position.
+_SEPARATOR = "@@hotswap@@"
+
+
+def read_keys(cfg: Config, keys: list[str]) -> dict[str, str | None]:
+    """What uWSGI resolves for each of `keys` in cfg.ini (None if unset; the first value of
+    a repeated key), in one uwsgi run."""
+    asked = [name for key in keys for name in (key, "hotswap_separator")]
+    lines = _uwsgi_get(cfg.uwsgi, cfg.ini, asked, set_ph=f"hotswap_separator={_SEPARATOR}")
+    values: dict[str, str | None] = {}
+    pending: list[str] = []
+    keys_left = iter(keys)
+    for line in lines:
+        if line == _SEPARATOR:
+            values[next(keys_left)] = pending[0] if pending else None
+            pending = []
+        else:
+            pending.append(line)
+    return values
 
 
 def load(ini: str | os.PathLike) -> Config:

@@ -27,13 +27,16 @@ MEANING = {
     "new release was rolled back, the old one still serves; deploy/rollback: the release was "
     "refused or rolled back, current names the old one again; start: uWSGI exited before "
     "serving",
-    ExitCode.CONFIG: "bad usage or configuration (missing/unreadable ini, permission denied)",
+    ExitCode.CONFIG: "bad usage or configuration (missing/unreadable ini, permission "
+    "denied); reload: the ini changes a key only a restart applies (a socket, the user, a FIFO)",
     ExitCode.NOT_RUNNING: "nothing is running",
     ExitCode.BUSY: "busy: a reload is in progress, an old master is still draining, or "
     "start found a live instance",
     ExitCode.TIMEOUT: "timeout: reload rolled back a new generation that was too slow (the "
     "old one still serves); stop found the master still draining",
-    ExitCode.INCONSISTENT: "a state the kit will not guess about; the message says what to do",
+    ExitCode.INCONSISTENT: "a state the kit will not guess about; the message says what to "
+    "do; reload: the serving generation does not answer /healthz (--force swaps anyway); "
+    "status: it runs but something is wrong (each problem named, with its fix)",
 }
 
 

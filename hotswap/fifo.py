@@ -31,6 +31,9 @@ class FifoState(str, Enum):
     STALE = "stale"  # the FIFO exists but nobody reads it (left by a dead master)
     MISSING = "missing"
     NOT_A_FIFO = "not-a-fifo"
+    # a master reads it, but its path was removed or replaced since: nothing written to the
+    # path reaches it (reattach() makes the master re-create it)
+    DETACHED = "detached"
 
 
 class NoReader(OSError):
@@ -80,18 +83,43 @@ def send(path: Path, commands: str, settle: float = SETTLE_SECONDS) -> None:
         raise NoReader(errno.ENXIO, f"no master is reading {path}")
 
 
-def readers(path: Path, candidates: Iterable[int] | None = None) -> list[int]:
-    """The processes holding `path` open, among `candidates` (default: all we can see)."""
+def held(path: Path, candidates: Iterable[int] | None = None) -> list[tuple[int, int, bool]]:
+    """(pid, fd, detached) of each process holding `path` open, among `candidates` (default:
+    all we can see), those still reachable through the path first."""
     pool = procs.all_pids() if candidates is None else candidates
-    return [pid for pid in pool if procs.holds_open(pid, path)]
+    found = [(pid, *hold) for pid in pool if (hold := procs.held_fd(pid, path))]
+    return sorted(found, key=lambda item: item[2])
+
+
+def readers(path: Path, candidates: Iterable[int] | None = None) -> list[int]:
+    """The processes holding `path` open (even if the path was removed since)."""
+    return [pid for pid, _, _ in held(path, candidates)]
 
 
 def state(path: Path, candidates: Iterable[int] | None = None) -> FifoState:
+    holders = held(path, candidates)
+    if holders and all(detached for _, _, detached in holders):
+        return FifoState.DETACHED
     if not os.path.lexists(path):
         return FifoState.MISSING
     if not _is_fifo(path):
         return FifoState.NOT_A_FIFO
-    return FifoState.LISTENING if readers(path, candidates) else FifoState.STALE
+    return FifoState.LISTENING if holders else FifoState.STALE
+
+
+def reattach(path: Path, pid: int, fd: int) -> None:
+    """Make master `pid` re-create its FIFO at `path`, which was removed or replaced.
+
+    uWSGI re-creates its FIFO (unlink, mkfifo, open) whenever the last writer closes it: an
+    open + close of the master's own descriptor through /proc delivers that EOF without the
+    path. The master exits if mkfifo fails, so the caller first makes sure it cannot: the
+    folder exists and the path is not a directory (unlink cannot remove one)."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        raise IsADirectoryError(f"{path} is a directory")
+    if not os.path.isdir(path.parent):
+        raise FileNotFoundError(f"{path.parent} does not exist")
+    handle = os.open(f"/proc/{pid}/fd/{fd}", os.O_WRONLY | os.O_NONBLOCK)
+    os.close(handle)
 
 
 def remove_if_stale(path: Path) -> bool:

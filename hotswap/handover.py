@@ -249,7 +249,11 @@ def pause_workers_wait(paths: Paths, retiring: int, offset: int) -> str:
     seen = [0, time.monotonic()]  # parked so far, when that number last grew
 
     def parked_or_busy() -> bool:
-        parked = len(uwsgilog.suspended_workers(uwsgilog.read_since(paths.log_file, offset)))
+        # Two witnesses: the log line, and /proc (a rotated or full log shows no line). A
+        # busy worker polling a socket inside its request counts too: harmless, it is past
+        # accept() and finishes its request after "q".
+        parked = max(len(uwsgilog.suspended_workers(uwsgilog.read_since(paths.log_file, offset))),
+                     sum(procs.parked_in_poll(pid) for pid in workers))
         if parked >= len(workers):
             seen[0] = parked
             return True

@@ -19,13 +19,16 @@ pidfile can be stale, and its pid reused by another process, even another uWSGI.
 from __future__ import annotations
 
 import dataclasses
+import errno
+import os
 import signal
 import time
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Protocol
 
-from . import fifo, files, notify, probe, procs, record, stats, uwsgilog
+from . import drift, fifo, files, notify, probe, procs, record, stats, uwsgilog
 from .config import Config
 from .errors import ExitCode, HotswapError
 from .record import Handover, State
@@ -49,6 +52,16 @@ class Masters:
         return [pid for pid in (self.live, self.parked, *self.loading) if pid]
 
 
+@dataclass(frozen=True)
+class Detached:
+    """A master that still reads its FIFO, whose path was removed or replaced since."""
+
+    slot: Slot
+    master: int
+    fd: int
+    path: Path
+
+
 class Host(Protocol):
     """What the machine may ask or do. Every method is quick: waiting is the caller's."""
 
@@ -63,6 +76,9 @@ class Host(Protocol):
     def send(self, slot: Slot, commands: str) -> None: ...  # fifo.NoReader if nobody reads
     def holds(self, master: int, slot: Slot) -> bool: ...
     def remove_stale(self, slot: Slot) -> bool: ...
+    def detached(self) -> list[Detached]: ...
+    def config_drift(self, master: int) -> list[str]: ...  # what a re-fork cannot apply
+    def reattach(self, item: Detached) -> None: ...  # OSError: why it cannot
     def handover(self) -> Handover | None: ...
     def abort(self, master: int, error: str) -> Handover: ...
     def freeze(self, master: int) -> None: ...
@@ -131,6 +147,33 @@ class RealHost:
     def remove_stale(self, slot: Slot) -> bool:
         return fifo.remove_if_stale(self._fifos[slot])
 
+    def detached(self) -> list[Detached]:
+        pids = procs.all_pids()
+        return [Detached(slot, pid, fd, path) for slot, path in self._fifos.items()
+                for pid, fd, gone in fifo.held(path, pids) if gone]
+
+    def reattach(self, item: Detached) -> None:
+        """Have the master re-create its FIFO path; wait until it reads it again. The run dir
+        is re-created first (owned by the master's user): uWSGI exits if mkfifo fails."""
+        folder = item.path.parent
+        if not folder.is_dir():
+            folder.mkdir(parents=True, exist_ok=True)
+            owner = os.stat(f"/proc/{item.master}")
+            if os.geteuid() == 0:
+                os.chown(folder, owner.st_uid, owner.st_gid)
+            os.chmod(folder, 0o755)
+        fifo.reattach(item.path, item.master, item.fd)
+        def reads_it_again() -> bool:
+            held = procs.held_fd(item.master, item.path)
+            return held is not None and not held[1]
+
+        if not procs.wait_until(reads_it_again, KILL_TIMEOUT):
+            raise OSError(errno.ETIMEDOUT, f"master {item.master} did not re-create {item.path}")
+
+    def config_drift(self, master: int) -> list[str]:
+        found = drift.changes(self.cfg, master)
+        return [drift.refusal(found)] if found else []
+
     def handover(self) -> Handover | None:
         return record.read(self.cfg.run_dir)
 
@@ -143,7 +186,12 @@ class RealHost:
             # hook takes it, and killing it releases it.
             current = record.read(self.cfg.run_dir)
             if current and current.performer_pid:
-                procs.signal_quietly(current.performer_pid, signal.SIGKILL)
+                # Its worker too: uWSGI runs the hook with safeexec, so a worker whose hook
+                # dies goes on to accept, before the commit, in a generation being aborted.
+                worker = procs.ancestor_below(current.performer_pid, master)
+                for pid in (current.performer_pid, worker):
+                    if pid:
+                        procs.signal_quietly(pid, signal.SIGKILL)
             try:
                 return self._abort(master, error)
             except TimeoutError as exc:

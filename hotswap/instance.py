@@ -11,12 +11,12 @@ import signal
 import socket
 from pathlib import Path
 
-from . import fifo, probe, procs, record, stats, store
+from . import drift, fifo, probe, procs, record, stats, store
 from .config import Config
 from .errors import ExitCode, HotswapError
 from .host import RealHost
 from .lock import hold_instance_lock, holder, reload_lock
-from .repair import abort_generation, repair
+from .repair import abort_generation, reattach_fifos, repair
 
 
 def find_masters(cfg: Config):
@@ -36,10 +36,14 @@ def socket_accepts(path: Path) -> bool:
 
 def ensure_not_running(cfg: Config) -> None:
     """Refuse to start over a live instance, whatever evidence it left."""
-    masters = find_masters(cfg)
+    host = RealHost(cfg)
+    masters = host.masters()
     if masters.all:
+        lost = host.detached()
+        hint = (f" ({lost[0].path} was removed; `hotswap recover` re-creates it)" if lost
+                else "")
         raise HotswapError(
-            f"already running: master {masters.all[0]} holds a FIFO in {cfg.run_dir}",
+            f"already running: master {masters.all[0]} holds a FIFO in {cfg.run_dir}{hint}",
             ExitCode.BUSY,
         )
     if socket_accepts(cfg.http_socket):
@@ -72,7 +76,9 @@ def prepare_start(cfg: Config) -> tuple[int, list[Path]]:
         raise HotswapError(f"cannot write to {cfg.run_dir}: permission denied", ExitCode.CONFIG)
     ensure_not_running(cfg)  # names the running master, in the common case
     lock_fd = hold_instance_lock(cfg)  # closes the race between two starts
-    return lock_fd, clear_stale_files(cfg)
+    removed = clear_stale_files(cfg)
+    drift.record_start(cfg)
+    return lock_fd, removed
 
 
 def stop(cfg: Config, timeout: float) -> list[int]:
@@ -102,6 +108,7 @@ def begin_stop(cfg: Config) -> tuple[list[int], list[int]]:
         raise HotswapError(
             f"nothing is running: no master reads a FIFO in {cfg.run_dir}", ExitCode.NOT_RUNNING
         )
+    reattach_fifos(host)  # "q" must reach a master whose FIFO path was removed
     for pid in masters.loading:
         abort_generation(host, pid, masters.parked, "the instance is stopping")
     after = host.masters()
@@ -131,31 +138,36 @@ def recover(cfg: Config) -> str:
 
 
 def status(cfg: Config) -> dict:
-    masters = find_masters(cfg)
+    host = RealHost(cfg)
+    masters = host.masters()
     handover = record.read(cfg.run_dir)
     master = masters.live
     health = probe.healthz(cfg.http_socket, timeout=2.0) if master else None
     document = stats.read(cfg.stats_socket) if master else None
+    if document and document.get("pid") != master:
+        document = None  # the stats socket was re-bound by a master that is gone
     try:
         last_reload = json.loads(cfg.last_reload_file.read_text())
     except (OSError, ValueError):
         last_reload = None
-    fifo_states = {
-        "live": fifo.FifoState.LISTENING if master else fifo.state(cfg.fifo_live),
-        "standby": fifo.FifoState.LISTENING if masters.parked else fifo.state(cfg.fifo_standby),
-    }
+    workers = (store.annotate_workers(cfg.run_dir, stats.workers(document)) if document
+               else [{"id": None, "pid": pid, "status": "?", "requests": None,
+                      "accepting": None} for pid in (host.workers_of(master) if master else [])])
     return {
         "running": bool(master),
+        "healthy": bool(master) and health is not None,
+        "problems": problems(cfg, host, master, health, document) if master else [],
+        # not wrong, worth knowing: ini changes only a restart applies, a rotated log
+        "notices": notices(cfg, host, master, document) if master else [],
         "master_pid": master,
         "parked_master_pid": masters.parked,
         "loading_master_pids": masters.loading,
         "generation": health.get("generation") if health else None,
         "health": health,
         # each worker's own report of the store it maps (None in heap mode)
-        "workers": store.annotate_workers(cfg.run_dir, stats.workers(document))
-        if document else [],
+        "workers": workers,
         "fifos": {
-            name: {"path": str(path), "state": fifo_states[name].value}
+            name: {"path": str(path), "state": fifo.state(path).value}
             for name, path in (("live", cfg.fifo_live), ("standby", cfg.fifo_standby))
         },
         "socket": str(cfg.http_socket.absolute()),
@@ -166,3 +178,36 @@ def status(cfg: Config) -> dict:
         "handover": handover.to_json() if handover else None,
         "last_reload": last_reload,
     }
+
+
+def notices(cfg: Config, host: RealHost, master: int, document: dict | None) -> list[str]:
+    found = host.config_drift(master)
+    if document is None:
+        found.append(f"the stats socket {cfg.stats_socket} does not answer for master {master} "
+                     "(re-bound by a generation that was rolled back?): workers are listed "
+                     "from /proc; their details return with the next reload")
+    try:
+        writes_to = os.readlink(f"/proc/{master}/fd/1")
+    except OSError:
+        writes_to = None
+    if writes_to and writes_to != str(cfg.log_file.absolute()):
+        found.append(f"master {master} logs to {writes_to} (the log was rotated by rename); "
+                     f"the next swap's generation writes to {cfg.log_file} again")
+    return found
+
+
+def problems(cfg: Config, host: RealHost, master: int, health: dict | None,
+             document: dict | None) -> list[str]:
+    """What is wrong with a running instance, each with the command that fixes it."""
+    found = [f"master {item.master} serves, but its {item.slot.value} FIFO {item.path} was "
+             "removed or replaced: no command reaches it; `hotswap recover` re-creates it"
+             for item in host.detached()]
+    if not socket_accepts(cfg.http_socket):
+        found.append(f"master {master} runs, but nothing accepts on {cfg.http_socket} (the "
+                     "socket file was removed?): clients cannot connect, and a reload cannot "
+                     "re-create it; restart: `hotswap stop && hotswap start`")
+    elif health is None:
+        busy = sum(w["status"] == "busy" for w in stats.workers(document or {}))
+        found.append(f"master {master} runs, but /healthz does not answer" + (
+            f" ({busy} workers busy with requests)" if busy else "") + ": see the log")
+    return found

@@ -108,23 +108,83 @@ def kill_group(pgid: int, sig: int = signal.SIGKILL) -> None:
         pass
 
 
-def open_paths(pid: int) -> list[str]:
-    """What the process's file descriptors point at ([] if it is gone or not ours to see)."""
+# How /proc names a descriptor whose file was unlinked (or renamed over) since it was opened.
+DELETED = " (deleted)"
+
+
+def held_fd(pid: int, path: os.PathLike | str) -> tuple[int, bool] | None:
+    """(fd, detached) if pid holds `path` open: detached when the file it holds is no longer
+    at that path (removed, or replaced by another file), so /proc says "PATH (deleted)".
+    None if it does not hold it (or is gone, or not ours to see)."""
+    wanted = os.path.abspath(path)
     try:
         fds = os.listdir(f"/proc/{pid}/fd")
     except OSError:
-        return []
-    paths = []
+        return None
+    found = None
     for fd in fds:
         try:
-            paths.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
         except OSError:
             continue
-    return paths
+        if link == wanted:
+            return int(fd), False
+        if link == wanted + DELETED:
+            found = (int(fd), True)
+    return found
 
 
 def holds_open(pid: int, path: os.PathLike | str) -> bool:
-    return os.path.abspath(path) in open_paths(pid)
+    """True if pid holds `path` open, even if that path was since removed or replaced: a
+    master still reads its FIFO after an operator's `rm`, and is still this instance's."""
+    return held_fd(pid, path) is not None
+
+
+def ancestor_below(pid: int, top: int, levels: int = 3) -> int | None:
+    """The ancestor of pid (or pid itself) whose parent is `top`, within `levels` steps:
+    for a hook process, the uWSGI worker of master `top` that runs it."""
+    for _ in range(levels + 1):
+        info = stat(pid)
+        if info is None:
+            return None
+        if info.ppid == top:
+            return pid
+        pid = info.ppid
+    return None
+
+
+def parked_in_poll(pid: int) -> bool:
+    """True if pid sleeps in poll(): where a suspended uWSGI worker waits for its resume
+    (`poll(NULL, 0, 10000)`); an idle one waits in epoll or on the accept lock instead.
+    /proc/PID/wchan needs no privilege and no log line, which a rotation can hide."""
+    try:
+        with open(f"/proc/{pid}/wchan") as handle:
+            where = handle.read()
+    except OSError:
+        return False
+    return where.startswith(("poll_schedule_timeout", "do_sys_poll"))
+
+
+def unix_sockets(pid: int) -> set[str]:
+    """The paths of the bound unix sockets pid holds (from /proc/net/unix, by inode)."""
+    inodes = set()
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return set()
+    for fd in fds:
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[8:-1])
+    try:
+        with open("/proc/net/unix") as handle:
+            rows = [line.split() for line in handle.readlines()[1:]]
+    except OSError:
+        return set()
+    return {row[7] for row in rows if len(row) >= 8 and row[6] in inodes}
 
 
 def session_leaders_below(pid: int) -> list[int]:

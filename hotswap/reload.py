@@ -40,7 +40,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 
-from . import files, probe, uwsgilog
+from . import files, probe, stats, uwsgilog
 from .config import Config
 from .errors import ExitCode, HotswapError
 from .host import Host, RealHost, Slot
@@ -48,6 +48,8 @@ from .lock import reload_lock
 from .record import PAUSE_STATES, Handover, State
 from .repair import abort_generation, finish_committed, repair, wait, wake
 
+# The serving generation's /healthz, asked before anything changes.
+HEALTH_TIMEOUT = 5.0
 SPAWN_TIMEOUT = 10.0  # uWSGI logs the re-forked master's pid right after fork()
 VERIFY_TIMEOUT = 10.0
 # The hook has started the hand-over (systemd's barrier may take 5 s) when the deadline
@@ -102,8 +104,10 @@ class Swap:
     """A swap's bookkeeping: deadline, timeline, interrupts, and the one way out (end)."""
 
     def __init__(self, host: Host, timeout: float, drain_timeout: float,
-                 on_phase: Callable[[Phase, float, str], None] = lambda *_: None) -> None:
+                 on_phase: Callable[[Phase, float, str], None] = lambda *_: None,
+                 force: bool = False) -> None:
         self.host = host
+        self.force = force  # swap even when the serving generation does not answer
         self.timeout = timeout
         self.drain_timeout = drain_timeout
         self.on_phase = on_phase
@@ -170,7 +174,8 @@ class ToCommit(Swap):
         if repaired.draining:
             raise HotswapError(
                 f"old master {repaired.draining} is still draining its in-flight requests "
-                "from the last swap; reload again once it has exited (`hotswap status`)",
+                f"from the last swap{repaired.draining_note()}; reload again once it has "
+                "exited (`hotswap status`)",
                 ExitCode.BUSY,
             )
         live = host.masters().live
@@ -178,8 +183,17 @@ class ToCommit(Swap):
             raise HotswapError("nothing is running: no master reads the live FIFO",
                                ExitCode.NOT_RUNNING)
         result.old_master = live
-        health = host.healthz(min(5.0, self.remaining()))
+        for refusal in host.config_drift(live):
+            raise HotswapError(refusal, ExitCode.CONFIG)
+        health = host.healthz(min(HEALTH_TIMEOUT, self.remaining()))
         result.old_generation = health.get("generation") if health else None
+        if health is None and not self.force:
+            raise HotswapError(
+                f"master {live} serves, but /healthz did not answer within "
+                f"{HEALTH_TIMEOUT:g}s{busy_note(host.stats())}: with nothing healthy to "
+                "compare against, a swap could trade a working generation for a broken one; "
+                "see `hotswap status`, or swap anyway with `hotswap reload --force`",
+                ExitCode.INCONSISTENT)
         self.log_mark = host.log_mark()
         self.enter(Phase.PREFLIGHT,
                    f"master {live} serving generation {result.old_generation or '?'}")
@@ -257,9 +271,17 @@ class ToCommit(Swap):
         result.warnings.extend(done.warnings)
         message = failure.cause + uwsgilog.cause_from(self.log_tail())
         if not self._answers_from(result.old_master):
-            return self.end(ExitCode.INCONSISTENT,
-                            f"{message}; and the old generation (master {result.old_master}) "
-                            "does not answer /healthz either: see `hotswap status`")
+            workers = self.host.workers_of(result.old_master)
+            if not workers:
+                return self.end(ExitCode.INCONSISTENT,
+                                f"{message}; and the old generation (master "
+                                f"{result.old_master}) has no worker left and does not answer "
+                                "/healthz: see `hotswap status`")
+            result.warnings.append(
+                f"old master {result.old_master} serves again with {len(workers)} workers, "
+                f"but /healthz did not answer within {VERIFY_TIMEOUT:g}s"
+                f"{busy_note(self.host.stats())}: busy with long requests, or stuck; "
+                "see `hotswap status`")
         return self.end(failure.code, message, rolled_back=True)
 
 
@@ -325,6 +347,9 @@ class Reload(ToCommit):
 
     def verify(self) -> Phase:
         host, result = self.host, self.result
+        if not host.alive(result.old_master):
+            # A retired master re-creates its FIFO on the way out (uwsgi#1492): clear it.
+            host.remove_stale(Slot.STANDBY)
         health = self._answers_from(result.new_master)
         if not health:
             return self.end(ExitCode.INCONSISTENT,
@@ -333,9 +358,6 @@ class Reload(ToCommit):
         accepting = wait(host, self._all_workers_accepting, VERIFY_TIMEOUT)
         if not accepting:
             result.warnings.append(f"not every worker of master {result.new_master} accepts yet")
-        if not host.alive(result.old_master):
-            # A retired master re-creates its FIFO on the way out (uwsgi#1492): clear it.
-            host.remove_stale(Slot.STANDBY)
         self.enter(Phase.DONE, f"/healthz answers from master {result.new_master}, "
                                f"{accepting or '?'} workers accepting")
         return self.end(ExitCode.OK, f"generation {result.old_generation or '?'} (master "
@@ -387,6 +409,13 @@ class HandoverWatch:
         return None
 
 
+def busy_note(document: dict | None) -> str:
+    """' (3/4 workers busy with requests)' from a stats document, or ''."""
+    workers = stats.workers(document) if document else []
+    busy = sum(worker["status"] == "busy" for worker in workers)
+    return f" ({busy}/{len(workers)} workers busy with requests)" if busy else ""
+
+
 def _ms(seconds: float | None) -> str:
     return "?" if seconds is None else f"{seconds * 1000:.0f} ms"
 
@@ -398,12 +427,12 @@ def write_last_reload(cfg: Config, result: ReloadResult) -> None:
 
 def reload(cfg: Config, timeout: float, drain_timeout: float,
            on_phase: Callable[[Phase, float, str], None] = lambda *_: None,
-           lock_held: bool = False) -> ReloadResult:
+           force: bool = False, lock_held: bool = False) -> ReloadResult:
     """One swap on the real host, with the reload lock held and SIGINT/SIGTERM noted.
 
     `lock_held`: the caller already holds the reload lock (release.py's deploy holds it from
     the copy to the flip back, so no other swap runs between its flip and its reload)."""
-    machine = Reload(RealHost(cfg), timeout, drain_timeout, on_phase)
+    machine = Reload(RealHost(cfg), timeout, drain_timeout, on_phase, force)
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, lambda sig, _frame: machine.interrupt(signal.Signals(sig).name))

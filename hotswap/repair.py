@@ -11,6 +11,7 @@ whoever finds a committed hand-over finishes it ("q" to the old master if it was
 from __future__ import annotations
 
 import signal
+import time
 from dataclasses import dataclass, field
 
 from . import fifo, procs, uwsgilog
@@ -120,17 +121,42 @@ def wake(host: Host, master: int) -> None:
     host.signal(master, signal.SIGUSR1)
 
 
+def reattach_fifos(host: Host) -> list[str]:
+    """A master whose FIFO path was removed or replaced (an `rm`, a cleanup job) serves on,
+    but no command reaches it: have it re-create the path, or say the one way out."""
+    actions = []
+    for item in host.detached():
+        try:
+            host.reattach(item)
+        except OSError as exc:
+            raise HotswapError(
+                f"master {item.master} reads {item.path}, which was removed or replaced, and "
+                f"cannot re-create it ({exc.strerror or exc}); fix the path, then `hotswap "
+                f"recover`, or stop it by pid: kill -TERM {item.master}", ExitCode.INCONSISTENT
+            ) from None
+        actions.append(f"re-created {item.path}: master {item.master} still read it, but the "
+                       "path had been removed or replaced")
+    return actions
+
+
 @dataclass
 class Repair:
     actions: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     draining: int | None = None  # an old master told to quit, still finishing requests
+    draining_since: float | None = None  # wall clock, when known
+
+    def draining_note(self) -> str:
+        if not self.draining_since:
+            return ""
+        return f" (for {max(0.0, time.time() - self.draining_since):.0f}s)"
 
 
 def repair(host: Host) -> Repair:
     """Clear what an interrupted swap left (a reload SIGKILLed at any phase, by an operator
     or by systemd's timeout): safe to run at any time, with the reload lock held."""
     report = Repair()
+    report.actions.extend(reattach_fifos(host))
     masters = host.masters()
     for pid in masters.loading:
         done = abort_generation(host, pid, masters.parked,
@@ -152,6 +178,8 @@ def repair(host: Host) -> Repair:
             if action:
                 report.actions.append(action)
             report.draining = masters.parked
+            # told to quit when the hand-over committed (the record's last write, DONE)
+            report.draining_since = current.at or None
         else:
             # Two masters serve and nothing links them: the live one stays, the parked
             # one retires gracefully.

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Install the Debian packages the tests and the bench use: curl and socat (the shell health
 # checks), nginx and wrk (the bench's independent client), systemd (the systemd tests),
-# sshd (tests/test_fleet.py runs one Ansible host over a real SSH connection to 127.0.0.1).
+# sshd (tests/test_fleet.py runs one Ansible host over a real SSH connection to 127.0.0.1),
+# logrotate (tests/test_integrity.py rotates the log with deploy/logrotate.conf).
 # As root it installs what is missing; otherwise it says what is missing and the tests that
 # need it skip with that reason.
 set -euo pipefail
-declare -A need=([curl]=curl [socat]=socat [nginx]=nginx-light [wrk]=wrk [sshd]=openssh-server)
+declare -A need=([curl]=curl [socat]=socat [nginx]=nginx-light [wrk]=wrk [sshd]=openssh-server [logrotate]=logrotate)
 [ -x /lib/systemd/systemd ] || need[systemd]=systemd
 missing=()
 for cmd in "${!need[@]}"; do

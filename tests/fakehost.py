@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from hotswap import fifo
-from hotswap.host import Masters, Slot
+from hotswap.host import Detached, Masters, Slot
 from hotswap.record import Handover, State
 
 OLD, NEW = 100, 200
@@ -45,6 +45,9 @@ class FakeHost:
         self.forks = 0
         self.q_fails = False  # the hook cannot write "q" (its FIFO write fails)
         self.systemd = False  # whether notify() reaches a systemd
+        self.lost: list[Detached] = []  # FIFOs whose path was removed under their master
+        self.reattach_error: OSError | None = None
+        self.drift: list[str] = []  # what config_drift() reports
 
     # -- the fake world ------------------------------------------------------------------
     def at(self, when: float, action: Callable[[], None]) -> None:
@@ -158,6 +161,18 @@ class FakeHost:
 
     def remove_stale(self, slot: Slot) -> bool:
         return False
+
+    def detached(self) -> list[Detached]:
+        return list(self.lost)
+
+    def reattach(self, item: Detached) -> None:
+        if self.reattach_error:
+            raise self.reattach_error
+        self.events.append(("reattach", item.slot.value, item.master))
+        self.lost.remove(item)
+
+    def config_drift(self, master: int) -> list[str]:
+        return list(self.drift)
 
     def handover(self) -> Handover | None:
         return self.record

@@ -6,12 +6,13 @@ told "q"; never a kill of a generation that committed)."""
 from __future__ import annotations
 
 import signal
+from pathlib import Path
 
 import pytest
 from fakehost import GOOD_PLAN, NEW, OLD, FakeHost
 
 from hotswap.errors import ExitCode, HotswapError
-from hotswap.host import Masters, Slot
+from hotswap.host import Detached, Masters, Slot
 from hotswap.record import Handover, State
 from hotswap.reload import PAUSE_STALL, Phase, Reload
 
@@ -296,3 +297,63 @@ def test_no_master_is_not_running():
 
 def test_signal_numbers_are_named():
     assert signal.Signals(signal.SIGTERM).name == "SIGTERM"
+
+
+# -- preflight refusals and repairs (issue 14) --------------------------------------------
+def test_a_fifo_removed_under_its_master_is_recreated_before_the_swap():
+    host = FakeHost()
+    host.lost = [Detached(Slot.LIVE, OLD, 16, Path("run/0.fifo"))]
+    result, _ = run(host)
+    assert result.ok, result.message
+    assert host.events.index(("reattach", "live", OLD)) < host.events.index(
+        ("send", "live", "1f"))
+    assert any("re-created run/0.fifo" in p["detail"] for p in result.phases)
+
+
+def test_a_fifo_that_cannot_be_recreated_refuses_with_the_way_out():
+    host = FakeHost()
+    host.lost = [Detached(Slot.LIVE, OLD, 16, Path("run/0.fifo"))]
+    host.reattach_error = IsADirectoryError(21, "Is a directory")
+    with pytest.raises(HotswapError) as refused:
+        Reload(host, 30.0, 5.0).run()
+    assert refused.value.code == ExitCode.INCONSISTENT
+    assert f"kill -TERM {OLD}" in refused.value.message and "Is a directory" in \
+        refused.value.message
+    assert sent(host) == []
+
+
+def test_a_config_change_a_refork_cannot_apply_is_refused_before_forking():
+    host = FakeHost()
+    host.drift = ["http-socket changed in the ini (a -> b): restart to apply it"]
+    with pytest.raises(HotswapError) as refused:
+        Reload(host, 30.0, 5.0).run()
+    assert refused.value.code == ExitCode.CONFIG and "http-socket" in refused.value.message
+    assert sent(host) == [] and host.serving() == OLD
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_a_silent_serving_generation_is_refused_unless_forced(force: bool):
+    host = FakeHost()
+    answers = host.healthz
+    host.healthz = lambda timeout: None if host.new == NEW and NEW not in host.alive_pids \
+        else answers(timeout)
+    if not force:
+        with pytest.raises(HotswapError) as refused:
+            Reload(host, 30.0, 5.0).run()
+        assert refused.value.code == ExitCode.INCONSISTENT
+        assert "--force" in refused.value.message and sent(host) == []
+        return
+    result = Reload(host, 30.0, 5.0, force=True).run()
+    assert result.ok and result.old_generation is None and host.serving() == NEW
+
+
+def test_a_rollback_to_an_old_generation_busy_with_long_requests_is_not_inconsistent():
+    host = FakeHost(plan=[])
+    host.at(0.3, lambda: host.kill_generations([NEW]))
+    answers = host.healthz
+    host.healthz = lambda timeout: answers(timeout) if host.t < 0.2 else None
+    host.stats = lambda: {"pid": OLD, "workers": [{"pid": w, "status": "busy"}
+                                                  for w in [101, 102, 103, 104]]}
+    result, _ = run(host)
+    assert result.exit_code == ExitCode.RELOAD_FAILED and result.rolled_back
+    assert any("4/4 workers busy" in w for w in result.warnings), result.warnings

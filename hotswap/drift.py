@@ -1,0 +1,71 @@
+"""Config drift: what a re-fork cannot apply, refused before anything forks.
+
+A re-forked master re-reads srv.ini, but it inherits the serving generation's sockets, its
+user and its FIFOs: a changed `http-socket` would be applied half-way (the new generation
+serves on the old socket while the CLI probes the new path). `hotswap start` records what
+the instance was started with (run/instance.json); the reload's preflight compares the ini
+as it is now, and refuses a change to any of these keys, naming it, because only a restart
+applies it. Without that record (an instance started before it existed, or a run dir
+removed), the socket the serving master really listens on is read from /proc instead.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import files, procs
+from .config import Config, read_keys
+
+# Keys a re-forked master inherits instead of applying (sockets are bound, the user is set
+# and the FIFOs are created once, by the first master).
+INHERITED = ["http-socket", "socket", "https-socket", "uwsgi-socket", "shared-socket",
+             "chmod-socket", "uid", "gid", "master-fifo", "fifo_live", "fifo_standby",
+             "run_dir", "listen"]
+SNAPSHOT_NAME = "instance.json"
+
+
+@dataclass(frozen=True)
+class Change:
+    key: str
+    was: str | None
+    now: str | None
+
+    def __str__(self) -> str:
+        return f"{self.key} changed in the ini ({self.was or 'unset'} -> {self.now or 'unset'})"
+
+
+def snapshot_path(cfg: Config) -> Path:
+    return cfg.run_dir / SNAPSHOT_NAME
+
+
+def record_start(cfg: Config) -> None:
+    """Called by `hotswap start`: what this instance's first master reads."""
+    document = {"ini": str(cfg.ini), "started_at": time.time(),
+                "keys": read_keys(cfg, INHERITED)}
+    files.atomic_write(snapshot_path(cfg), json.dumps(document, indent=1) + "\n")
+
+
+def changes(cfg: Config, serving_master: int | None) -> list[Change]:
+    """What the ini now says differently from what the running instance uses."""
+    try:
+        started = json.loads(snapshot_path(cfg).read_text())["keys"]
+    except (OSError, ValueError, KeyError, TypeError):
+        started = None
+    if started is not None:
+        now = read_keys(cfg, list(started))
+        return [Change(key, was, now.get(key)) for key, was in started.items()
+                if was != now.get(key)]
+    if serving_master:
+        listening = procs.unix_sockets(serving_master)
+        if listening and str(cfg.http_socket) not in listening:
+            return [Change("http-socket", ", ".join(sorted(listening)), str(cfg.http_socket))]
+    return []
+
+
+def refusal(found: list[Change]) -> str:
+    return (f"{'; '.join(map(str, found))}: a reload cannot apply this (the new generation "
+            "inherits the running one's sockets, user and FIFOs); restart to apply it "
+            "(`hotswap stop && hotswap start`), or undo the change and reload")
