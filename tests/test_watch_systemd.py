@@ -117,8 +117,9 @@ def test_a_dropped_release_is_swapped_in_by_the_watch_unit(systemd: NamespaceSys
         wait_for(lambda: len(load.records) >= count + 64, 30, "traffic after the swap")
     summary = summarize(load.records)
     assert summary["failed"] == 0, summary
-    journal = systemd.journal(WATCH)
-    assert f"deploy {site}/drop/v2: ok" in journal, journal
+    # serving comes first: the deploy then verifies, records, and the watcher logs it
+    wait_for(lambda: f"deploy {site}/drop/v2: ok" in systemd.journal(WATCH), 60,
+             "the watcher to log the deploy")
     state = systemd.show(SERVICE, "ActiveState", "MainPID")
     assert state["ActiveState"] == "active"
     assert probe.healthz(socket)["master_pid"] == int(state["MainPID"]), state
@@ -149,6 +150,9 @@ def test_the_path_unit_reloads_on_the_stamp(systemd: NamespaceSystemd, prefix: P
         wait_for(lambda: (h := probe.healthz(socket)) and h["resource_version"] == "v1",
                  180, f"the reload; journal:\n{systemd.journal()}")
     assert summarize(load.records)["failed"] == 0
+    # `systemctl reload` returns once the new generation serves and the old one is gone
+    wait_for(lambda: systemd.show("hotswap-reload.service", "ActiveState")["ActiveState"]
+             == "inactive", 60, "the reload unit to finish")
     reload = systemd.show("hotswap-reload.service", "Result", "ExecMainStatus")
     assert reload == {"Result": "success", "ExecMainStatus": "0"}, reload
     systemd.systemctl("stop", "hotswap-current.path")
