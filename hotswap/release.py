@@ -245,7 +245,14 @@ def swap_to(cfg: Config, layout: Layout, result: DeployResult, timeout: float,
                           f"`hotswap --ini {cfg.ini} start`")
         return
     flip(layout, target)
-    outcome: ReloadResult = reload(cfg, timeout, drain, show, lock_held=True)
+    try:
+        outcome: ReloadResult = reload(cfg, timeout, drain, show, lock_held=True)
+    except BaseException:
+        # a bug or an interrupt outside the reload's own handling: `current` must not be
+        # left naming a release that does not serve
+        if previous and serving(cfg, layout) != target:
+            flip(layout, previous)
+        raise
     try:
         write_last_reload(cfg, outcome)
     except OSError:
