@@ -395,10 +395,15 @@ def releases_cmd(ctx: Context, as_json: bool) -> None:
               help="Seconds without a change in DROP before acting on what landed.")
 @click.option("--keep", type=click.IntRange(min=1), default=rel.DEFAULT_KEEP, show_default=True,
               envvar="HOTSWAP_KEEP_RELEASES", help="Passed to each deploy.")
+@click.option("--follow-current/--no-follow-current", default=True, show_default=True,
+              help="Reload when `current` is flipped by someone else to a release that does "
+              "not serve.")
 @click.option("-v", "--verbose", is_flag=True, help="Also log each change seen in DROP.")
 @pass_context
-def watch_cmd(ctx: Context, drop: Path | None, quiet: float, keep: int, verbose: bool) -> None:
-    """Deploy or refresh what lands in DROP (default ROOT/drop), one action at a time."""
+def watch_cmd(ctx: Context, drop: Path | None, quiet: float, keep: int, follow_current: bool,
+              verbose: bool) -> None:
+    """Deploy or refresh what lands in DROP (default ROOT/drop), one action at a time; reload
+    when `current` is flipped to a release that does not serve."""
     layout = rel.layout_of(ctx.cfg)
     drop = (drop or layout.root / "drop").absolute()
     drop.mkdir(parents=True, exist_ok=True)
@@ -415,8 +420,9 @@ def watch_cmd(ctx: Context, drop: Path | None, quiet: float, keep: int, verbose:
     def log(line: str) -> None:
         click.echo(f"hotswap watch: {line}")
 
-    runner = watcher.CliRunner(ctx.cfg.ini, ["--keep", str(keep)])
-    loop = watcher.Watcher(watcher.Planner(drop, quiet), runner, log, verbose=verbose)
+    runner = watcher.CliRunner(ctx.cfg, ["--keep", str(keep)], follow_current)
+    loop = watcher.Watcher(watcher.Planner(drop, quiet), runner, log, verbose=verbose,
+                           link=layout.current)
     tick_ms = int(min(500, max(50, quiet * 250)))
     loop.run(watcher.inotify_batches(drop, stop, tick_ms), stop)
     log(f"stopped ({', '.join(received) or 'watch ended'})")

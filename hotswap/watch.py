@@ -13,7 +13,10 @@ Rules (the Planner; tests/test_watch.py drives it on a fake clock in millisecond
 - one action at a time; what lands during an action waits, then counts as one follow-up;
 - of several code releases waiting, only the newest is deployed (the others are reported
   as superseded), and likewise for stores;
-- a failed action is reported once; its entry is not tried again unless it changes.
+- a failed action is reported once; its entry is not tried again unless it changes;
+- `current` flipped by someone else (by hand, rsync, a CI job) is checked after the quiet
+  period: if the release it names is not the one serving, and no swap is under way, the
+  watcher runs `hotswap reload` (a deploy's own flip is found serving, and left alone).
 
 The loop only reads filesystem batches from watchfiles (inotify underneath) and asks the
 Planner; actions run as `hotswap` subprocesses, so each one gets the CLI's own signal
@@ -34,6 +37,9 @@ from enum import Enum
 from pathlib import Path
 from typing import Protocol
 
+from . import lock, release
+from .config import Config
+
 TARBALL = re.compile(r"\.(tar|tar\.gz|tgz|tar\.bz2|tar\.xz)$")
 HIDDEN = re.compile(r"^\.|\.tmp|\.part$|~$")
 
@@ -41,6 +47,7 @@ HIDDEN = re.compile(r"^\.|\.tmp|\.part$|~$")
 class Kind(str, Enum):
     CODE = "deploy"
     DATA = "refresh"
+    CURRENT = "reload"  # `current` was flipped by someone: reload if it is not what serves
 
 
 def classify(path: Path) -> Kind | None:
@@ -101,11 +108,19 @@ class Planner:
         self.pending[entry] = (kind, self._order)
         return entry
 
+    def saw_current(self, link: Path, now: float) -> None:
+        """`current` points elsewhere (or is to be checked again): one check after the quiet
+        period, however many flips happen meanwhile."""
+        self.last_event = now
+        self._order += 1
+        self.pending[link] = (Kind.CURRENT, self._order)
+
     def due(self, now: float) -> Action | None:
-        """The action to run now, if DROP has been quiet long enough; code before data."""
+        """The action to run now, if DROP has been quiet long enough; code before data, and
+        a flip of `current` checked last (a deploy flips it too)."""
         if not self.pending or self.last_event is None or now - self.last_event < self.quiet:
             return None
-        for kind in (Kind.CODE, Kind.DATA):
+        for kind in (Kind.CODE, Kind.DATA, Kind.CURRENT):
             waiting = sorted((order, path) for path, (k, order) in self.pending.items()
                              if k is kind)
             if waiting:
@@ -116,22 +131,49 @@ class Planner:
         return None
 
 
+class Verdict(str, Enum):
+    RUN = "run"
+    SKIP = "skip"  # nothing to do: `current` serves, or nothing serves at all
+    LATER = "later"  # a swap is under way: check again after it
+
+
 class Runner(Protocol):
+    """Everything the Watcher does outside itself (tests/test_watch.py passes a fake)."""
+
     def run(self, action: Action) -> Outcome: ...
     def discard(self, path: Path) -> None: ...
+    def current(self) -> str | None: ...  # where `current` points (None: not followed)
+    def reconcile(self) -> tuple[Verdict, str]: ...  # whether a flip of `current` needs a reload
 
 
 class CliRunner:
-    """Runs `hotswap --ini INI deploy|refresh PATH` and quotes its last line."""
+    """Runs `hotswap --ini INI deploy|refresh PATH` or `reload` and quotes its last line."""
 
-    def __init__(self, ini: Path, deploy_args: list[str]) -> None:
-        self.ini = ini
+    def __init__(self, cfg: Config, deploy_args: list[str], follow_current: bool) -> None:
+        self.cfg = cfg
+        self.layout = release.Layout(cfg.ini.parent)
         self.deploy_args = deploy_args
+        self.follow_current = follow_current
+
+    def current(self) -> str | None:
+        return self.layout.current_id() if self.follow_current else None
+
+    def reconcile(self) -> tuple[Verdict, str]:
+        holder = lock.holder(self.cfg)
+        if holder:
+            return Verdict.LATER, f"a swap is under way (pid {holder})"
+        current, live = self.layout.current_id(), release.serving(self.cfg, self.layout)
+        if live is None:
+            return Verdict.SKIP, f"current -> {current}, and nothing answers /healthz"
+        if live == current:
+            return Verdict.SKIP, f"current -> {current}, which serves"
+        return Verdict.RUN, f"current -> {current}, but {live} serves"
 
     def run(self, action: Action) -> Outcome:
-        extra = self.deploy_args if action.kind is Kind.CODE else []
-        argv = [sys.executable, "-m", "hotswap", "--ini", str(self.ini), action.kind.value,
-                str(action.path), *extra]
+        args = {Kind.CODE: [str(action.path), *self.deploy_args], Kind.DATA: [str(action.path)],
+                Kind.CURRENT: []}[action.kind]
+        argv = [sys.executable, "-m", "hotswap", "--ini", str(self.cfg.ini), action.kind.value,
+                *args]
         started = time.monotonic()
         done = subprocess.run(argv, capture_output=True, text=True, check=False)
         # the CLI's own verdict: its one "hotswap: ..." line on failure, its last line on success
@@ -151,13 +193,16 @@ class CliRunner:
 
 class Watcher:
     def __init__(self, planner: Planner, runner: Runner, log: Callable[[str], None],
-                 clock: Callable[[], float] = time.monotonic, verbose: bool = False) -> None:
+                 clock: Callable[[], float] = time.monotonic, verbose: bool = False,
+                 link: Path = Path("current")) -> None:
         self.planner = planner
         self.runner = runner
         self.log = log
         self.clock = clock
         self.verbose = verbose
         self.results: list[tuple[Action, Outcome]] = []
+        self.link = link  # ROOT/current: only named in actions and log lines
+        self._current = runner.current()
 
     def feed(self, paths: Iterable[Path]) -> None:
         now = self.clock()
@@ -166,6 +211,16 @@ class Watcher:
             for entry in sorted(waiting):
                 self.log(f"changed: {entry} (waiting for {self.planner.quiet:g}s of quiet)")
 
+    def check_current(self) -> None:
+        """Polled every turn: a flip of `current` by anyone becomes a pending check. (Polled,
+        not watched: inotify follows the link to the release, which does not change.)"""
+        target = self.runner.current()
+        if target != self._current and self._current is not None and target is not None:
+            self.planner.saw_current(self.link, self.clock())
+            if self.verbose:
+                self.log(f"changed: {self.link} -> {target}")
+        self._current = target
+
     def tick(self) -> Outcome | None:
         """Run the due action, if any, and log it with its result."""
         action = self.planner.due(self.clock())
@@ -173,6 +228,15 @@ class Watcher:
             return None
         also = (f" (superseding {', '.join(p.name for p in action.superseded)})"
                 if action.superseded else "")
+        if action.kind is Kind.CURRENT:
+            verdict, why = self.runner.reconcile()
+            if verdict is Verdict.LATER:
+                self.planner.saw_current(action.path, self.clock())
+            if verdict is not Verdict.RUN:
+                if self.verbose:
+                    self.log(f"{action.path}: {why}: no reload")
+                return None
+            also = f" ({why})"
         self.log(f"{action.kind.value} {action.path}{also}: running")
         outcome = self.runner.run(action)
         self.results.append((action, outcome))
@@ -198,6 +262,7 @@ class Watcher:
                 self.log(f"watching {self.planner.drop} (quiet period "
                          f"{self.planner.quiet:g}s)")
             self.feed(sorted(batch))
+            self.check_current()
             if stop.is_set():
                 break
             self.tick()

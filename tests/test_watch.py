@@ -14,7 +14,7 @@ from releases_util import LayoutService, lookup_paths
 
 from bench.loadgen import LoadGenerator, summarize
 from hotswap import procs
-from hotswap.watch import Action, Kind, Outcome, Planner, Watcher, classify
+from hotswap.watch import Action, Kind, Outcome, Planner, Verdict, Watcher, classify
 
 DROP = Path("/drop")
 QUIET = 2.0
@@ -39,6 +39,14 @@ class FakeRunner:
         self.discarded: list[Path] = []
         self.during: list[Path] = []
         self.watcher: Watcher | None = None
+        self.target: str | None = None  # where `current` points (None: not followed)
+        self.verdicts: list[Verdict] = []  # what reconcile() answers, in turn
+
+    def current(self) -> str | None:
+        return self.target
+
+    def reconcile(self) -> tuple[Verdict, str]:
+        return self.verdicts.pop(0), "scripted"
 
     def run(self, action: Action) -> Outcome:
         self.actions.append(action)
@@ -134,6 +142,27 @@ def test_ignored_and_removed_entries_never_act_and_code_goes_before_data():
         (Kind.CODE, "rel"), (Kind.DATA, "terms-v2.lmdb")]
 
 
+def test_a_flip_of_current_is_checked_once_after_quiet_and_reloads_only_if_needed():
+    watcher, runner, clock, logged = make()
+    runner.target = "r1"
+    watcher.check_current()
+    runner.target = "r2"  # flipped by hand...
+    watcher.check_current()
+    runner.target = "r3"  # ...twice
+    watcher.check_current()
+    runner.verdicts = [Verdict.LATER, Verdict.RUN]  # a swap under way, then a reload needed
+    advance(watcher, clock, QUIET + 0.5)
+    assert runner.actions == []
+    advance(watcher, clock, QUIET + 0.5)
+    assert runner.actions == [Action(Kind.CURRENT, Path("current"))]
+    assert logged[0] == "reload current (scripted): running"
+    runner.target = "r4"  # flipped by a deploy, which also reloaded: found serving
+    watcher.check_current()
+    runner.verdicts = [Verdict.SKIP]
+    advance(watcher, clock, 10 * QUIET)
+    assert len(runner.actions) == 1 and runner.verdicts == []
+
+
 def test_classify_real_entries(tmp_path: Path):
     (tmp_path / "rel").mkdir()
     (tmp_path / ".rel.tmp").mkdir()
@@ -204,6 +233,18 @@ def test_five_releases_in_quick_succession_end_with_the_newest(live):
     summary = summarize(load.records)
     assert summary["failed"] == 0, summary
     assert not [p for p in drop.iterdir() if p.name.startswith("burst")]
+
+
+def test_current_flipped_by_hand_is_reloaded(live):
+    service, lines = live
+    slow = next(r["id"] for r in service.releases() if r["id"].endswith("-slow"))
+    os.symlink(f"releases/{slow}", service.root / ".current.flip")
+    os.replace(service.root / ".current.flip", service.root / "current")
+    wait_count(lines, f"reload {service.root / 'current'}", 2)  # running, then its outcome
+    line = next(x for x in lines.lines if f"reload {service.root / 'current'}:" in x
+                and "running" not in x)
+    assert ": ok in" in line, lines.lines
+    assert service.serving_name() == "slow"
 
 
 @pytest.mark.slow
