@@ -126,6 +126,25 @@ def new_id(source: Path) -> str:
     return f"{stamp}-{int(now * 1000) % 1000:03d}-{slug}"
 
 
+# A clone that has run (`make run`) holds its own run/ (FIFOs, sockets) and log/; none of
+# these belong in a release, and copying a FIFO would block on it.
+SKIPPED_AT_TOP = {".git", ".venv", "run", "log", ".pytest_cache", ".ruff_cache"}
+
+
+def _not_release_files(top: Path) -> Callable[[str, list[str]], set[str]]:
+    """copytree's `ignore`: SKIPPED_AT_TOP at the top, caches and special files anywhere."""
+    def ignore(folder: str, names: list[str]) -> set[str]:
+        skip = {name for name in names if name == "__pycache__"}
+        if Path(folder) == top:
+            skip |= SKIPPED_AT_TOP & set(names)
+        for name in names:
+            path = os.path.join(folder, name)
+            if not (os.path.islink(path) or os.path.isdir(path) or os.path.isfile(path)):
+                skip.add(name)  # a FIFO, a socket, a device
+        return skip
+    return ignore
+
+
 def stage(layout: Layout, source: Path) -> str:
     """Copy a directory or unpack a tarball into releases/<id>, complete before it appears."""
     if not source.exists():
@@ -134,7 +153,7 @@ def stage(layout: Layout, source: Path) -> str:
     final = layout.releases / release_id
     with files.beside(final) as tmp:
         if source.is_dir():
-            shutil.copytree(source, tmp, symlinks=True)
+            shutil.copytree(source, tmp, symlinks=True, ignore=_not_release_files(source))
         elif TARBALL.search(source.name):
             _unpack(source, Path(tmp))
         else:

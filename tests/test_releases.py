@@ -75,11 +75,20 @@ def test_deploy_good_then_broken_then_rollback_under_load(svc: LayoutService):
 
 def test_pruning_keeps_the_newest_and_the_serving_release(svc: LayoutService):
     # current is the oldest release (rolled back to); a deploy --keep 1 keeps only the new one
-    done = svc.cli("deploy", "--keep", "1", str(svc.source("v4")))
+    source = svc.source("v4")
+    # what a clone that has run holds beside the release: none of it is copied
+    for folder in ("run", ".git", "data/__pycache__"):
+        (source / folder).mkdir()
+    os.mkfifo(source / "run" / "0.fifo")
+    os.mkfifo(source / "data" / "a.fifo")
+    done = svc.cli("deploy", "--keep", "1", str(source))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "pruned" in done.stdout
     assert [r["id"] for r in svc.releases()] == [svc.current()]
     assert svc.serving_name() == "v4"
+    copied = svc.root / "releases" / svc.current()
+    assert sorted(p.name for p in copied.iterdir()) == ["data", "srv.ini", "srv.py"]
+    assert [p.name for p in (copied / "data").iterdir()] == ["terms.tsv"]
 
 
 def test_concurrent_deploy_is_refused(svc: LayoutService):
