@@ -3,7 +3,13 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 WHEELS := .wheels
-STAMP := $(VENV)/.installed
+PIP_INSTALL := $(BIN)/pip install --quiet --find-links $(WHEELS)
+# One stamp per set of extras, so each is installed once: `run` needs only what serves
+# (uWSGI, Flask, click, lmdb); `test` adds pytest, ruff and ansible-core (the fleet tests);
+# `bench` adds gunicorn and matplotlib (`make test` takes both).
+RUN_STAMP := $(VENV)/.installed-run
+TEST_STAMP := $(VENV)/.installed-test
+BENCH_STAMP := $(VENV)/.installed-bench
 RESOURCE := data/terms.tsv
 # the memory-mapped store srv.py serves by default (SRV_MODE=store), built from RESOURCE
 STORE := data/store/current
@@ -12,52 +18,73 @@ TERMS ?= 2000000
 PREFIX ?= /opt/hotswap
 UNIT_DIR ?= /etc/systemd/system
 
-.PHONY: run test venv deps-system lint bench bench-scale install-systemd reload status stop clean fleet-demo
+.PHONY: run test venv deps-system lint bench bench-scale install-systemd release \
+	reload status stop recover clean fleet-demo
 
-$(STAMP): pyproject.toml
+$(RUN_STAMP): pyproject.toml
+	@bash scripts/check-prereqs.sh $(PYTHON) $(WHEELS)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# uWSGI compiles from PyPI once (about a minute); the wheel is kept for installs
 	$(BIN)/pip wheel --quiet --find-links $(WHEELS) --wheel-dir $(WHEELS) 'uWSGI>=2.0.31,<2.1'
-	$(BIN)/pip install --quiet --find-links $(WHEELS) -e '.[test,bench,fleet]'
+	$(PIP_INSTALL) -e .
 	touch $@
 
-venv: $(STAMP)
+$(TEST_STAMP): $(RUN_STAMP)
+	$(PIP_INSTALL) -e '.[test,fleet]'
+	touch $@
 
-$(RESOURCE): | $(STAMP)
+$(BENCH_STAMP): $(RUN_STAMP)
+	$(PIP_INSTALL) -e '.[bench]'
+	touch $@
+
+venv: $(RUN_STAMP)
+
+$(RESOURCE): | $(RUN_STAMP)
 	$(BIN)/python scripts/gen_resource.py --terms $(TERMS) --version v1 -o $@
 
 deps-system:
 	bash scripts/install-system-deps.sh
 
-$(STORE): $(RESOURCE) | $(STAMP)
+$(STORE): $(RESOURCE) | $(RUN_STAMP)
 	$(BIN)/python scripts/build_store.py $(RESOURCE) -o data/store --point --if-missing
 
-run: $(STAMP) $(RESOURCE) $(STORE)
+run: $(RUN_STAMP) $(RESOURCE) $(STORE)
 	$(BIN)/hotswap --ini srv.ini start
 
-reload status stop: $(STAMP)
-	$(BIN)/hotswap --ini srv.ini $@
+# A new data release for the running instance to reload: `make release VERSION=v2`
+# (the same terms, a new version: every term you looked up is still there).
+release: $(RUN_STAMP)
+	@test -n "$(VERSION)" || { echo "make release: say which, e.g. make release VERSION=v2" >&2; exit 1; }
+	$(BIN)/python scripts/gen_resource.py --terms $(TERMS) --version $(VERSION) -o $(RESOURCE)
+	$(BIN)/python scripts/build_store.py $(RESOURCE) -o data/store --point --if-missing
 
-lint: $(STAMP)
+# make exits 2 whatever the CLI's code; scripts/make-cli.sh says the real code first
+reload status stop recover: $(RUN_STAMP)
+	@bash scripts/make-cli.sh $(BIN) $@
+
+lint: $(TEST_STAMP)
 	$(BIN)/ruff check .
 
-test: $(STAMP) deps-system lint
+# deps-system first: on a fresh root machine (CI) it also installs what compiles uWSGI.
+# The bench extra too: tests/test_bench_smoke.py runs the harness and checks its plot.
+test: deps-system $(TEST_STAMP) $(BENCH_STAMP) lint
 	$(BIN)/pytest
 
-bench: $(STAMP) deps-system
+bench: deps-system $(BENCH_STAMP)
 	$(BIN)/python -m bench.bench
 
 # deploy/ansible's rolling release over 4 local instances: a good release, the same again,
 # one that breaks on host2 (see scripts/fleet_demo.py)
-fleet-demo: $(STAMP)
+fleet-demo: $(TEST_STAMP)
 	$(BIN)/python -m scripts.fleet_demo $(FLEET_ARGS)
 
 # heap vs store across sizes and worker counts, and the per-worker alternatives (long)
-bench-scale: $(STAMP)
+bench-scale: $(BENCH_STAMP)
 	$(BIN)/python -m bench.scale
 
-install-systemd: $(STAMP)
+# builds its own venv from the system python under PREFIX (not this developer .venv)
+install-systemd:
 	bash deploy/install-systemd.sh $(PREFIX) $(UNIT_DIR)
 
 # run/ holds the FIFOs, socket and locks of a live instance: removing them under it leaves

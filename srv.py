@@ -181,9 +181,11 @@ def healthz():
 
 @app.get("/lookup")
 def lookup():
-    term = request.args.get("q", "")
-    if not term.strip():
+    if "q" not in request.args:
         return _error(400, "missing query parameter q")
+    term = request.args["q"]
+    if not term.strip():
+        return _error(400, "empty query parameter q")
     if len(term) > MAX_TERM_LENGTH:
         return _error(400, f"q longer than {MAX_TERM_LENGTH} characters")
     tags = data().get(term)

@@ -501,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
         "connections": args.connections, "lead": args.lead, "gap": args.gap,
         "tail": args.tail, "paths": paths, "modes": []}
     log(f"modes: {' '.join(args.modes)}; {args.reloads} reloads each; {args.connections} "
-        f"connections; resource {args.terms} terms ({resource.size / 2**20:.0f} MiB)")
+        f"connections; resource {args.terms} terms ({report.size_text(resource.size)})")
     for name in args.modes:
         log(f"mode {name}")
         t0 = time.time()

@@ -31,6 +31,15 @@ TARGET_OVERHEAD = 0.5
 FOREIGN_WARNING = 0.1  # cores used by other processes before a warning is printed
 
 
+def size_text(size: int) -> str:
+    """A file size for a headline: a small one must not read "0 MiB" (bench --quick)."""
+    if size >= 10 * 2**20:
+        return f"{size / 2**20:.0f} MiB"
+    if size >= 2**20:
+        return f"{size / 2**20:.1f} MiB"
+    return f"{size / 2**10:.0f} KiB"
+
+
 def percentile(values: list[float], q: float) -> float | None:
     """Nearest-rank percentile of an already sorted list."""
     if not values:
@@ -285,7 +294,7 @@ def markdown(run: dict, rows: list[dict]) -> str:
     head = (
         f"Run `{run['command']}` ({run['run_id']}, {run.get('elapsed', 0):.0f} s): "
         f"{run['reloads']} reloads per mode, {run['connections']} connections, resource "
-        f"{run['terms']:,} terms ({run['resource_bytes'] / 2**20:.0f} MiB). Machine: "
+        f"{run['terms']:,} terms ({size_text(run['resource_bytes'])}). Machine: "
         f"{m['nproc']} × {m['cpu_model']}, {m['mem_gb']} GB, Linux {m['kernel']}, "
         f"Python {m['python']}, "
         + ", ".join(version(t) for t in ("uwsgi", "gunicorn", "nginx", "wrk")) + ".\n\n")

@@ -29,7 +29,7 @@ HOTSWAP=$PREFIX/venv/bin/hotswap
     || die "no hotswap service installed in $PREFIX / $UNIT_DIR: run deploy/install-systemd.sh first"
 getent passwd "$SERVICE_USER" >/dev/null || die "no user $SERVICE_USER"
 
-"$HOTSWAP" init "$ROOT" --run-dir /run/hotswap --log-dir /var/log/hotswap
+"$HOTSWAP" init-releases "$ROOT" --run-dir /run/hotswap --log-dir /var/log/hotswap
 install -d -m 0750 "$ROOT/drop"
 if [ ! -L "$ROOT/current" ]; then
     "$HOTSWAP" --ini "$ROOT/hotswap.ini" deploy "$PREFIX/app"

@@ -50,6 +50,11 @@ esac
 [ -x "$SYSTEM_PYTHON" ] || die "no python at $SYSTEM_PYTHON (apt-get install python3 python3-venv)"
 "$SYSTEM_PYTHON" -c 'import sys, venv; assert sys.version_info >= (3, 11)' 2>/dev/null \
     || die "$SYSTEM_PYTHON must be Python >= 3.11 with the venv module (apt-get install python3-venv)"
+# a compiler and Python.h, unless a uWSGI wheel for this python is cached (see step 3)
+sys_version=$("$SYSTEM_PYTHON" -c 'import platform; print(platform.python_version())')
+bash "$REPO/scripts/check-prereqs.sh" "$SYSTEM_PYTHON" \
+    "${HOTSWAP_WHEEL_CACHE:-$REPO/.wheels/system-python-$sys_version}" \
+    || die "install what is missing above (as root: bash scripts/install-system-deps.sh)"
 for f in srv.py srv.ini pyproject.toml hotswap/cli.py deploy/hotswap.service; do
     [ -e "$REPO/$f" ] || die "$REPO/$f is missing: run this from a hotswap checkout"
 done

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import click
 
-from . import config, notify, probe
+from . import config, memory, notify, probe
 from . import instance as inst
 from . import refresh as data_refresh
 from . import release as rel
 from . import watch as watcher
+from .config import here
 from .errors import MEANING, ExitCode, HotswapError
 from .reload import Phase, reload, write_last_reload
 from .supervisor import Supervisor
@@ -91,7 +92,7 @@ def start(ctx: Context, exec_mode: bool | None) -> None:
     cfg = ctx.cfg
     lock_fd, removed = inst.prepare_start(cfg)
     for path in removed:
-        click.echo(f"hotswap: removed stale {path}", err=True)
+        click.echo(here(f"hotswap: removed stale {path}"), err=True)
     env = dict(os.environ, HOTSWAP_PYTHON=sys.executable)
     if "NOTIFY_SOCKET" in env:
         # The accepting hook notifies systemd, when worker 1 really accepts; uWSGI's own
@@ -100,7 +101,8 @@ def start(ctx: Context, exec_mode: bool | None) -> None:
     argv = [str(cfg.uwsgi), "--ini", str(cfg.ini)]
     if exec_mode is None:
         exec_mode = "HOTSWAP_NOTIFY_SOCKET" in env
-    click.echo(f"hotswap: starting uWSGI on {cfg.http_socket} (log: {cfg.log_file})", err=True)
+    click.echo(here(f"hotswap: starting uWSGI on {cfg.http_socket} (log: {cfg.log_file})"),
+               err=True)
     if exec_mode:
         os.execve(argv[0], argv, env)
     sys.exit(Supervisor(cfg, argv, env, lock_fd).run())
@@ -115,17 +117,24 @@ def start(ctx: Context, exec_mode: bool | None) -> None:
               show_default=True, help="Seconds to wait for the old generation's in-flight "
               "requests once the new one serves (past it, reload succeeds with a warning).")
 @click.option("--force", is_flag=True, help="Swap even if the serving generation does not "
-              "answer /healthz (e.g. to replace a broken release).")
+              "answer /healthz (e.g. to replace a broken release), or if a second generation "
+              "does not seem to fit in memory (one that does not is killed by the OOM killer "
+              "while loading, and rolled back).")
+@click.option("--memory-margin", type=click.FloatRange(min=0.0), envvar="HOTSWAP_MEMORY_MARGIN",
+              default=memory.DEFAULT_MARGIN_PERCENT, show_default=True,
+              help="Percent added to the serving generation's memory when checking that a "
+              "second one fits (env HOTSWAP_MEMORY_MARGIN); exit 7 if it does not.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @pass_context
 def reload_cmd(ctx: Context, timeout: float, drain_timeout: float, force: bool,
-               as_json: bool) -> None:
+               memory_margin: float, as_json: bool) -> None:
     """Swap in a new generation; return when it serves and the old one is gone."""
     def show(phase: Phase, at: float, detail: str) -> None:
         if not as_json:
-            click.echo(f"  [{at:7.2f}s] {phase.value:<12} {detail}")
+            click.echo(here(f"  [{at:7.2f}s] {phase.value:<12} {detail}"))
 
-    result = reload(ctx.cfg, timeout, drain_timeout, show, force=force)
+    result = reload(ctx.cfg, timeout, drain_timeout, show, force=force,
+                    memory_margin=memory_margin)
     try:
         write_last_reload(ctx.cfg, result)
     except OSError as exc:  # a full run dir must not hide the outcome behind exit 2
@@ -145,15 +154,16 @@ def reload_cmd(ctx: Context, timeout: float, drain_timeout: float, force: bool,
         click.echo(f"reload ok in {result.seconds:.2f}s: {result.message}")
     else:
         click.echo(
-            f"hotswap: reload FAILED after {result.seconds:.2f}s: {result.message}", err=True
+            here(f"hotswap: reload FAILED after {result.seconds:.2f}s: {result.message}"),
+            err=True,
         )
         if result.log_tail:
             click.echo("--- uWSGI log since the reload began (tail) ---", err=True)
             for line in result.log_tail:
-                click.echo(f"  {line}", err=True)
+                click.echo(here(f"  {line}"), err=True)
     if not as_json:
         for warning in result.warnings:
-            click.echo(f"hotswap: warning: {warning}", err=True)
+            click.echo(here(f"hotswap: warning: {warning}"), err=True)
     sys.exit(result.exit_code)
 
 
@@ -202,7 +212,7 @@ def status(ctx: Context, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(report, indent=1))
     else:
-        click.echo(_format_status(report))
+        click.echo(here(_format_status(report)))
     if not report["running"]:
         sys.exit(ExitCode.NOT_RUNNING)
     sys.exit(ExitCode.INCONSISTENT if report["problems"] else ExitCode.OK)
@@ -223,8 +233,13 @@ def _format_status(report: dict) -> str:
                      "(retiring, or left by an interrupted swap: `hotswap recover`)")
     for pid in report["loading_master_pids"]:
         lines.append(f"loading     master {pid} (a release being imported)")
+    if report.get("memory"):
+        lines.append(f"memory      {_format_memory(report['memory'])}")
     for worker in report["workers"]:
         store = f"  store {worker['store']}" if worker.get("store") else ""
+        if worker["id"] is None:  # listed from /proc: the stats socket did not answer
+            lines.append(f"worker ?    pid {worker['pid']:<8} (no stats)")
+            continue
         lines.append(f"worker {worker['id']:<4} pid {worker['pid']:<8} {worker['status']:<8} "
                      f"{worker['requests']} requests{store}")
     for name, info in report["fifos"].items():
@@ -232,7 +247,7 @@ def _format_status(report: dict) -> str:
     if report.get("release"):
         lines.append(f"release     {report['release']['serving'] or '?'} serves; current -> "
                      f"{report['release']['current']}")
-    lines.append(f"socket      {report['socket']}")
+    lines.append(f"socket       {report['socket_state']:<10} {report['socket']}")
     lines.append(f"log         {report['log_file']}")
     if report["reload_in_progress"]:
         lines.append(f"reload      in progress (pid {report['reload_in_progress']})")
@@ -243,8 +258,20 @@ def _format_status(report: dict) -> str:
     last = report["last_reload"]
     if last:
         outcome = "ok" if last["ok"] else f"FAILED (exit {last['exit_code']})"
-        lines.append(f"last reload {outcome} in {last['seconds']}s: {last['message']}")
+        when = f" at {last['finished_at']}" if last.get("finished_at") else ""
+        lines.append(f"last reload {outcome}{when} in {last['seconds']}s: {last['message']}")
     return "\n".join(lines)
+
+
+def _format_memory(room: dict) -> str:
+    """One line: what a second generation needs, and the headroom left after it."""
+    needs = memory.human(room["required"])
+    if room["headroom"] is None:
+        return f"a reload needs ~{needs}; available unknown"
+    verdict = "fits" if room["fits"] else "does NOT fit (reload exits 7; --force)"
+    headroom = memory.human(abs(room["headroom"]))
+    return (f"a reload needs ~{needs}, {memory.human(room['available'])} available: "
+            f"{verdict}, {headroom} {'spare' if room['fits'] else 'short'}")
 
 
 @main.command(name="probe")
@@ -333,13 +360,13 @@ def with_swap_options(func):
     return func
 
 
-@main.command(name="init")
+@main.command(name="init-releases")
 @click.argument("root", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path),
               help="FIFOs, sockets, pidfile (default ROOT/run; /run/hotswap under systemd).")
 @click.option("--log-dir", type=click.Path(file_okay=False, path_type=Path),
               help="The uWSGI log (default ROOT/log).")
-def init_cmd(root: Path, run_dir: Path | None, log_dir: Path | None) -> None:
+def init_releases_cmd(root: Path, run_dir: Path | None, log_dir: Path | None) -> None:
     """Create a release layout in ROOT: releases/, state/ and the entry ini hotswap.ini."""
     ini = rel.init(root, run_dir, log_dir)
     click.echo(f"release layout in {ini.parent}: deploy with `hotswap --ini {ini} deploy PATH`")

@@ -16,6 +16,14 @@ from pathlib import Path
 
 from .errors import ExitCode, HotswapError
 
+
+def here(text: str) -> str:
+    """Human output names paths under the current folder relatively (`run/0.fifo`), as
+    they are typed from the repo; --json and the state files keep them absolute."""
+    prefix = os.path.join(os.getcwd(), "")
+    return text.replace(prefix, "") if prefix != "/" else text
+
+
 # srv.ini key -> Config field. Custom keys (run_dir, fifo_*) are srv.ini placeholders.
 REQUIRED_KEYS = {
     "run_dir": "run_dir",

@@ -18,6 +18,7 @@ class ExitCode(IntEnum):
     BUSY = 4
     TIMEOUT = 5
     INCONSISTENT = 6
+    NO_ROOM = 7
 
 
 # The one statement of what each code means: `hotswap --help` prints it, the README copies it.
@@ -37,6 +38,9 @@ MEANING = {
     ExitCode.INCONSISTENT: "a state the kit will not guess about; the message says what to "
     "do; reload: the serving generation does not answer /healthz (--force swaps anyway); "
     "status: it runs but something is wrong (each problem named, with its fix)",
+    ExitCode.NO_ROOM: "no room: reload refused before touching anything, because a second "
+    "generation (the serving one's memory plus the margin) does not fit in MemAvailable or "
+    "under the cgroup's memory limit; the old generation serves; --force skips the check",
 }
 
 

@@ -1,9 +1,11 @@
-"""Writing the kit's small state files so that no reader ever sees half of one."""
+"""Writing the kit's small state files so that no reader ever sees half of one, and the
+one time format they (and `status --json`) use."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -50,3 +52,9 @@ def give_to_owner_of(path: os.PathLike | str, folder: Path) -> None:
     owner = os.stat(folder)
     if owner.st_uid != 0:
         os.chown(path, owner.st_uid, owner.st_gid)
+
+
+def iso_time(epoch: float | None = None) -> str:
+    """UTC, ISO 8601, to the second: the one format of every `*_at` field the kit writes
+    (the same as srv.py's `loaded_at`). None: now."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))

@@ -45,7 +45,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import fifo, files, notify, procs, record, uwsgilog
+from . import fifo, files, memory, notify, procs, record, uwsgilog
 from .record import Handover, State
 
 PAUSE_TIMEOUT = 2.0
@@ -162,6 +162,9 @@ def perform(paths: Paths, master: int, existing: Handover | None) -> str:
             return "the record changed under the take-over"
         current = taken
         log(f"took over the hand-over of master {master} at {current.state.value}")
+    # The generation loaded with a high oom_score_adj (srv.ini): it is about to serve, so it
+    # goes back to the service's own before the old master is told to quit (docs/memory.md).
+    log(memory.settle(paths.run_dir, master))
     steps = [(State.STARTED, _notify), (State.NOTIFYING, _notify), (State.NOTIFIED, _pause),
              (State.PAUSING, _wait_paused), (State.PAUSED, _wait_paused),
              (State.COMMITTED, _retire), (State.RETIRE_SENT, _finish)]

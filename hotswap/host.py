@@ -28,7 +28,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Protocol
 
-from . import drift, fifo, files, notify, probe, procs, record, stats, uwsgilog
+from . import drift, fifo, files, memory, notify, probe, procs, record, stats, uwsgilog
 from .config import Config
 from .errors import ExitCode, HotswapError
 from .record import Handover, State
@@ -90,6 +90,8 @@ class Host(Protocol):
     def stats(self) -> dict | None: ...
     def notify(self, message: str) -> bool: ...
     def write_pidfile(self, master: int) -> None: ...
+    def memory_room(self, master: int, margin_percent: float) -> memory.Room: ...
+    def oom_kills(self, master: int) -> int | None: ...
 
 
 class RealHost:
@@ -254,3 +256,11 @@ class RealHost:
 
     def write_pidfile(self, master: int) -> None:
         files.atomic_write(self.cfg.pidfile, f"{master}\n", owner_of=self.cfg.run_dir)
+
+    def memory_room(self, master: int, margin_percent: float) -> memory.Room:
+        """Whether a second copy of `master`'s generation fits (memory.py)."""
+        return memory.measure(master, self.workers_of(master), margin_percent)
+
+    def oom_kills(self, master: int) -> int | None:
+        """The OOM kill counter of `master`'s memory cgroup (None: no such counter)."""
+        return memory.oom_kills(master)

@@ -11,7 +11,7 @@ import signal
 import socket
 from pathlib import Path
 
-from . import drift, fifo, probe, procs, record, stats, store
+from . import drift, fifo, files, memory, probe, procs, record, stats, store
 from .config import Config
 from .errors import ExitCode, HotswapError
 from .host import RealHost
@@ -56,6 +56,7 @@ def ensure_not_running(cfg: Config) -> None:
 def clear_stale_files(cfg: Config) -> list[Path]:
     """Remove what a dead instance left behind; call only after ensure_not_running()."""
     removed = [path for path in (cfg.fifo_live, cfg.fifo_standby) if fifo.remove_if_stale(path)]
+    store.remove_dead_reports(cfg.run_dir)  # one per worker that ever mapped a store
     for path in (cfg.http_socket, cfg.stats_socket, cfg.pidfile,
                  cfg.run_dir / record.RECORD_NAME):
         try:
@@ -78,6 +79,7 @@ def prepare_start(cfg: Config) -> tuple[int, list[Path]]:
     lock_fd = hold_instance_lock(cfg)  # closes the race between two starts
     removed = clear_stale_files(cfg)
     drift.record_start(cfg)
+    memory.remember_normal_score(cfg.run_dir)  # what each generation returns to once it serves
     return lock_fd, removed
 
 
@@ -142,6 +144,8 @@ def status(cfg: Config) -> dict:
     masters = host.masters()
     handover = record.read(cfg.run_dir)
     master = masters.live
+    # what a reload would need, and whether it fits (memory.py)
+    room = host.memory_room(master, memory.DEFAULT_MARGIN_PERCENT) if master else None
     health = probe.healthz(cfg.http_socket, timeout=2.0) if master else None
     document = stats.read(cfg.stats_socket) if master else None
     if document and document.get("pid") != master:
@@ -171,21 +175,45 @@ def status(cfg: Config) -> dict:
             for name, path in (("live", cfg.fifo_live), ("standby", cfg.fifo_standby))
         },
         "socket": str(cfg.http_socket.absolute()),
+        "socket_state": socket_state(cfg.http_socket, bool(master), bool(health)),
         "stats_socket": str(cfg.stats_socket.absolute()),
         "pidfile": str(cfg.pidfile.absolute()),
         "log_file": str(cfg.log_file.absolute()),
         "reload_in_progress": holder(cfg),
-        "handover": handover.to_json() if handover else None,
+        "handover": with_iso_times(handover.to_json()) if handover else None,
         "last_reload": last_reload,
+        "memory": room.to_json() if room else None,
+        "oom_score_adj": memory.score(master) if master else None,
     }
+
+
+def socket_state(path: Path, master: bool, answered: bool) -> str:
+    """The HTTP socket as `status` shows it, in the FIFOs' words."""
+    if not path.exists():
+        return "missing"
+    if answered:
+        return "listening"
+    return "no answer" if master else "stale"
+
+
+def with_iso_times(document: dict) -> dict:
+    """The hand-over record keeps epoch seconds (the hook computes with them); `status
+    --json` shows every time as ISO 8601 in a `*_at` field, like `loaded_at` and the last
+    reload's `finished_at`."""
+    shown = dict(document)
+    epoch = shown.pop("at", None)
+    shown["updated_at"] = files.iso_time(epoch) if epoch else None
+    if shown.get("paused_at"):
+        shown["paused_at"] = files.iso_time(shown["paused_at"])
+    return shown
 
 
 def notices(cfg: Config, host: RealHost, master: int, document: dict | None) -> list[str]:
     found = host.config_drift(master)
     if document is None:
         found.append(f"the stats socket {cfg.stats_socket} does not answer for master {master} "
-                     "(re-bound by a generation that was rolled back?): workers are listed "
-                     "from /proc; their details return with the next reload")
+                     "(its file removed, or re-bound by a generation that was rolled back): "
+                     "workers are listed from /proc; their details return with the next reload")
     try:
         writes_to = os.readlink(f"/proc/{master}/fd/1")
     except OSError:

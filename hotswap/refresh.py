@@ -204,5 +204,6 @@ def roll_back(cfg: Config, old: store.WorkerReport, info: store.StoreInfo,
 
 def record(cfg: Config, result: RefreshResult) -> None:
     """Kept beside last-reload.json for `status` and post-mortems."""
-    files.atomic_write(cfg.run_dir / "last-refresh.json", json.dumps(result.to_json()),
+    document = {**result.to_json(), "finished_at": files.iso_time()}
+    files.atomic_write(cfg.run_dir / "last-refresh.json", json.dumps(document),
                        owner_of=cfg.run_dir)

@@ -1,7 +1,7 @@
 """Releases as immutable directories: deploy, rollback, list, prune.
 
-    ROOT/hotswap.ini          the kit's entry point (`hotswap init`): sets run_dir and log_dir,
-                              then includes ROOT/current/srv.ini
+    ROOT/hotswap.ini          the kit's entry point (`hotswap init-releases`): sets run_dir
+                              and log_dir, then includes ROOT/current/srv.ini
     ROOT/current -> releases/<id>       the release a (re)started or re-forked master loads
     ROOT/releases/<id>/       srv.py, srv.ini, data (or a link to a shared store); never
                               changed once in place
@@ -87,8 +87,8 @@ def layout_of(cfg: Config) -> Layout:
     layout = Layout(cfg.ini.parent)
     if not layout.releases.is_dir():
         raise HotswapError(f"{cfg.ini} is not a release layout (no {layout.releases}): create "
-                           f"one with `hotswap init ROOT`, then use --ini ROOT/{ENTRY_INI}",
-                           ExitCode.CONFIG)
+                           "one with `hotswap init-releases ROOT`, then use --ini "
+                           f"ROOT/{ENTRY_INI}", ExitCode.CONFIG)
     releases = layout.releases.resolve()
     if cfg.run_dir.resolve().is_relative_to(releases):
         # A release's own run dir would move the FIFOs with every flip: no hand-over.
@@ -106,7 +106,8 @@ def init(root: Path, run_dir: Path | None, log_dir: Path | None) -> Path:
     ini = root / ENTRY_INI
     if not ini.exists():
         files.atomic_write(ini, (
-            "; written by `hotswap init`: the release layout's entry point (docs/releases.md).\n"
+            "; written by `hotswap init-releases`: the release layout's entry point\n"
+            "; (docs/releases.md).\n"
             "; A placeholder's first definition wins: these beat srv.ini's %d-relative ones,\n"
             "; so every release hands over through the same FIFOs and socket.\n"
             "[uwsgi]\n"

@@ -9,11 +9,13 @@
                      FAILED
 
 PREFLIGHT   repair what an interrupted swap left (repair.py), refuse what it cannot; note the
-            serving master and generation.
+            serving master and generation; refuse a second generation that does not fit in
+            memory (MemoryGuard, memory.py), unless --force.
 FORKING     "1f" into the live FIFO: the old master moves to the standby FIFO and forks a
             fresh master, which re-reads srv.ini and re-imports the app.
 LOADING     wait for the new generation's hand-over (handover.py) to commit: the moment its
             hook is about to write "q" to the old master, recorded before it does.
+            An OOM kill in the service's memory cgroup meanwhile is a failure that says so.
 RETIRING    the old master drains its in-flight requests and exits (own budget: --drain);
             an interrupt from here on is noted, and the swap finishes.
 VERIFYING   /healthz answers from the new master; every worker accepts.
@@ -40,7 +42,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 
-from . import files, probe, stats, uwsgilog
+from . import files, memory, probe, stats, uwsgilog
 from .config import Config
 from .errors import ExitCode, HotswapError
 from .host import Host, RealHost, Slot
@@ -61,6 +63,8 @@ HANDOVER_GRACE = 10.0
 PAUSE_STALL = 3.5
 # A committed hook writes "q" within microseconds; if it has not, we write it.
 RETIRE_GRACE = 1.0
+# How long an OOM-killed new master may take to die once the cgroup counted the kill.
+OOM_SETTLE = 1.0
 
 
 class Phase(str, Enum):
@@ -105,9 +109,12 @@ class Swap:
 
     def __init__(self, host: Host, timeout: float, drain_timeout: float,
                  on_phase: Callable[[Phase, float, str], None] = lambda *_: None,
-                 force: bool = False) -> None:
+                 force: bool = False,
+                 memory_margin: float = memory.DEFAULT_MARGIN_PERCENT) -> None:
         self.host = host
-        self.force = force  # swap even when the serving generation does not answer
+        # swap even when the serving generation does not answer, or a second one won't fit
+        self.force = force
+        self.memory = MemoryGuard(host, memory_margin, force)
         self.timeout = timeout
         self.drain_timeout = drain_timeout
         self.on_phase = on_phase
@@ -197,6 +204,7 @@ class ToCommit(Swap):
         self.log_mark = host.log_mark()
         self.enter(Phase.PREFLIGHT,
                    f"master {live} serving generation {result.old_generation or '?'}")
+        self.enter(Phase.PREFLIGHT, self.memory.check(live))
         if self.interrupted:
             return self.end(ExitCode.RELOAD_FAILED,
                             f"interrupted by {self.interrupted} before anything changed")
@@ -231,16 +239,23 @@ class ToCommit(Swap):
 
     def wait_committed(self) -> Phase:
         watch = HandoverWatch(self.host, self.result.new_master)
-        outcome = self.poll(watch.outcome, self.remaining())
+        old = self.result.old_master
+
+        def outcome_or_oom():
+            return watch.outcome() or self.memory.oom_killed(old)
+
+        outcome = self.poll(outcome_or_oom, self.remaining())
         if outcome is None and not self.interrupted and watch.started:
-            outcome = self.poll(watch.outcome, HANDOVER_GRACE)
+            outcome = self.poll(outcome_or_oom, HANDOVER_GRACE)
         new = self.result.new_master
         if isinstance(outcome, Handover) and outcome.committed:
             return self._committed(outcome)
         if isinstance(outcome, Handover):  # ABORTED by the hook itself
             return self.fail(outcome.error or "the hand-over was aborted")
-        if outcome == "dead":
-            return self.fail(f"new master {new} exited while loading the release")
+        if outcome in ("dead", "oom"):
+            return self.fail(self.memory.cause(new, old, outcome == "dead",
+                                               self.host.log_since(self.log_mark))
+                             or f"new master {new} exited while loading the release")
         if outcome == "stalled":
             return self.fail(f"the hand-over of master {new} stalled with the old workers "
                              f"paused (hook pid {watch.performer} stopped or stuck)")
@@ -379,6 +394,57 @@ class Reload(ToCommit):
         return f"{ready}/{len(workers)}" if workers and ready == len(workers) else None
 
 
+class MemoryGuard:
+    """The preflight's memory check (refuse a swap that does not fit), and the verdict on a
+    new generation that died while loading: the OOM killer, if the cgroup's counter rose."""
+
+    def __init__(self, host: Host, margin_percent: float, force: bool) -> None:
+        self.host = host
+        self.margin_percent = margin_percent
+        self.force = force  # measure (the OOM counter's baseline), never refuse
+        self.room: memory.Room | None = None
+
+    def check(self, master: int) -> str:
+        """The preflight line; raises NO_ROOM when a second generation does not fit."""
+        room = self.room = self.host.memory_room(master, self.margin_percent)
+        if self.force:
+            return f"memory: {room.describe()}; not checked (--force)"
+        if not room.fits:
+            raise HotswapError(
+                f"not enough memory for a second generation: {room.describe()}; nothing was "
+                f"changed, master {master} keeps serving. Free memory, raise the limit, or "
+                "`hotswap reload --force` to try anyway", ExitCode.NO_ROOM)
+        return f"memory: {room.describe()}"
+
+    def oom_killed(self, master: int | None, in_cgroup: bool = True) -> str | None:
+        """"oom" once the OOM killer has struck since check(): in the memory cgroup of
+        `master`, or (not `in_cgroup`, without a cgroup) anywhere on the machine."""
+        before = self.room.oom_kills if self.room else None
+        if before is None or not master or (in_cgroup and not self.room.cgroup):
+            return None
+        now = self.host.oom_kills(master)
+        return "oom" if now is not None and now > before else None
+
+    def cause(self, new: int | None, old: int | None, dead: bool, log: bytes) -> str | None:
+        """Why the new generation failed, if it was the OOM killer (`log`: the uWSGI log
+        since the swap began, where a master reports a worker killed by SIGKILL)."""
+        if not self.oom_killed(old, in_cgroup=not dead):
+            return None
+        # The kernel counts the kill before its SIGKILL has taken the victim down.
+        dead = dead or bool(wait(self.host, lambda: not self.host.alive(new), OOM_SETTLE))
+        room = self.room
+        limit = f"limit {memory.human(room.limit)}" if room and room.limit else \
+            f"no cgroup limit; {memory.human(room.mem_available if room else None)} was available"
+        if dead:
+            return f"new master {new} was killed by the kernel's OOM killer while loading ({limit})"
+        workers = uwsgilog.sigkilled_workers(log)
+        if workers:
+            return (f"worker {workers[-1]} of new master {new} was killed by the kernel's OOM "
+                    f"killer while loading ({limit})")
+        return (f"the kernel's OOM killer killed a process of the new generation (master {new}) "
+                f"while it loaded ({limit})")
+
+
 class HandoverWatch:
     """What LOADING waits for: the new master's record committed or aborted, the master
     dead, or a hand-over stalled with the old workers paused."""
@@ -421,18 +487,21 @@ def _ms(seconds: float | None) -> str:
 
 
 def write_last_reload(cfg: Config, result: ReloadResult) -> None:
-    files.atomic_write(cfg.last_reload_file, json.dumps(result.to_json(), indent=1),
+    document = {**result.to_json(), "finished_at": files.iso_time()}
+    files.atomic_write(cfg.last_reload_file, json.dumps(document, indent=1),
                        owner_of=cfg.run_dir)
 
 
 def reload(cfg: Config, timeout: float, drain_timeout: float,
            on_phase: Callable[[Phase, float, str], None] = lambda *_: None,
-           force: bool = False, lock_held: bool = False) -> ReloadResult:
+           force: bool = False,
+           memory_margin: float = memory.DEFAULT_MARGIN_PERCENT,
+           lock_held: bool = False) -> ReloadResult:
     """One swap on the real host, with the reload lock held and SIGINT/SIGTERM noted.
 
     `lock_held`: the caller already holds the reload lock (release.py's deploy holds it from
     the copy to the flip back, so no other swap runs between its flip and its reload)."""
-    machine = Reload(RealHost(cfg), timeout, drain_timeout, on_phase, force)
+    machine = Reload(RealHost(cfg), timeout, drain_timeout, on_phase, force, memory_margin)
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, lambda sig, _frame: machine.interrupt(signal.Signals(sig).name))

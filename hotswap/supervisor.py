@@ -22,7 +22,7 @@ import subprocess
 import sys
 
 from . import instance, lock, procs, record
-from .config import Config
+from .config import Config, here
 from .errors import HotswapError
 
 PR_SET_CHILD_SUBREAPER = 36
@@ -65,13 +65,24 @@ class Supervisor:
             if info is not None and info.si_signo != signal.SIGCHLD:
                 name = signal.Signals(info.si_signo).name.lower()
                 getattr(self, f"handle_{name}")()
+        self.clean_up()
         if self.announced is None and not self.stopping:
             print(f"hotswap: uWSGI exited before any generation served (exit "
                   f"{self.exit_code}); see {self.cfg.log_file}", file=sys.stderr)
             return 1
-        if self.stopping:
+        if self.stopping or self.exit_code == 0:
             print("hotswap: stopped", file=sys.stderr)
         return self.exit_code
+
+    def clean_up(self) -> None:
+        """Leave what `hotswap stop` leaves. Every master was our descendant and is gone, and
+        the instance lock we still hold keeps a new start out: nothing owns the FIFOs, the
+        sockets or the pidfile any more."""
+        try:
+            instance.clear_stale_files(self.cfg)
+        except OSError as exc:
+            print(f"hotswap: could not clean {self.cfg.run_dir}: {exc.strerror or exc}",
+                  file=sys.stderr)
 
     def reap(self) -> bool:
         """Collect exited children; False once none is left."""
@@ -91,8 +102,8 @@ class Supervisor:
         current = record.read(self.cfg.run_dir)
         if current and current.committed and current.master_pid != self.announced:
             self.announced = current.master_pid
-            print(f"hotswap: master {self.announced} serving generation "
-                  f"{current.generation} on {self.cfg.http_socket}", file=sys.stderr)
+            print(here(f"hotswap: master {self.announced} serving generation "
+                       f"{current.generation} on {self.cfg.http_socket}"), file=sys.stderr)
 
     def handle_sigint(self) -> None:
         """Ctrl-C: stop gracefully (once a reload in progress settles); again: stop now."""

@@ -8,6 +8,8 @@ from pathlib import Path
 TAIL_LINES = 15
 SPAWNED_RE = re.compile(rb"new master copy spawned with pid (\d+)")
 SUSPENDED_RE = re.compile(rb"\*\*\* worker (\d+) suspended \*\*\*")
+# What a master logs when one of its workers dies of a SIGKILL (the OOM killer's signal).
+SIGKILLED_WORKER_RE = re.compile(rb"DAMN ! worker \d+ \(pid: (\d+)\) died, killed by signal 9 ")
 # What a master logs when "p" reaches it: pause, or resume (it toggles).
 PAUSE_RE = re.compile(rb"\*\*\* (PAUSE|\(SIGTSTP received\) resuming workers)")
 # The last line of a Python traceback: "module.path.SomeError: message". uWSGI names a
@@ -58,3 +60,8 @@ def paused_by_log(text: bytes) -> bool | None:
     if not toggles:
         return None
     return toggles[-1] == b"PAUSE"
+
+
+def sigkilled_workers(text: bytes) -> list[int]:
+    """Pids of workers whose master logged their death by SIGKILL."""
+    return [int(pid) for pid in SIGKILLED_WORKER_RE.findall(text)]

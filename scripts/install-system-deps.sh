@@ -1,16 +1,24 @@
 #!/usr/bin/env bash
-# Install the Debian packages the tests and the bench use: curl and socat (the shell health
-# checks), nginx and wrk (the bench's independent client), systemd (the systemd tests),
+# Install the Debian packages the tests and the bench use: git and curl (tests/test_tour.py
+# runs the README's tour), curl and socat (the shell health checks), nginx and wrk (the
+# bench's independent client), systemd (the systemd tests),
 # sshd (tests/test_fleet.py runs one Ansible host over a real SSH connection to 127.0.0.1),
-# logrotate (tests/test_integrity.py rotates the log with deploy/logrotate.conf).
+# logrotate (tests/test_integrity.py rotates the log with deploy/logrotate.conf), and what
+# compiles uWSGI for the system python (gcc, python3-dev, python3-venv): the systemd tests
+# install the unit with a venv of /usr/bin/python3 (deploy/install-systemd.sh), and
+# `make test` runs this before it builds .venv, so a fresh root machine (CI) can build it.
 # As root it installs what is missing; otherwise it says what is missing and the tests that
 # need it skip with that reason.
 set -euo pipefail
-declare -A need=([curl]=curl [socat]=socat [nginx]=nginx-light [wrk]=wrk [sshd]=openssh-server [logrotate]=logrotate)
+declare -A need=([curl]=curl [git]=git [socat]=socat [nginx]=nginx-light [wrk]=wrk [sshd]=openssh-server [logrotate]=logrotate)
 [ -x /lib/systemd/systemd ] || need[systemd]=systemd
+need[gcc]=gcc
+sys_include=$(/usr/bin/python3 -c 'import sysconfig; print(sysconfig.get_paths()["include"])' 2>/dev/null || true)
+[ -n "$sys_include" ] && [ -e "$sys_include/Python.h" ] || need[python-headers]=python3-dev
+/usr/bin/python3 -c 'import ensurepip, venv' 2>/dev/null || need[python-venv]=python3-venv
 missing=()
 for cmd in "${!need[@]}"; do
-  if [ "$cmd" = systemd ]; then missing+=("${need[$cmd]}"); continue; fi
+  case "$cmd" in systemd|python-*) missing+=("${need[$cmd]}"); continue ;; esac
   command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || missing+=("${need[$cmd]}")
 done
 if [ ${#missing[@]} -eq 0 ]; then

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from hotswap import fifo
+from hotswap import fifo, memory
 from hotswap.host import Detached, Masters, Slot
 from hotswap.record import Handover, State
 
@@ -48,6 +48,11 @@ class FakeHost:
         self.lost: list[Detached] = []  # FIFOs whose path was removed under their master
         self.reattach_error: OSError | None = None
         self.drift: list[str] = []  # what config_drift() reports
+        # memory: what the serving generation holds, what is free, the cgroup's OOM counter
+        self.generation_bytes = 100 * memory.MIB
+        self.available_bytes = 1000 * memory.MIB
+        self.oom_count: int | None = 0
+        self.cgroup: str | None = "/fake"  # None: the counter is the machine's (/proc/vmstat)
 
     # -- the fake world ------------------------------------------------------------------
     def at(self, when: float, action: Callable[[], None]) -> None:
@@ -222,3 +227,18 @@ class FakeHost:
 
     def write_pidfile(self, master: int) -> None:
         self.events.append(("pidfile", master))
+
+    def memory_room(self, master: int, margin_percent: float) -> memory.Room:
+        self.events.append(("memory_room", master))
+        return memory.Room(needs=self.generation_bytes, margin_percent=margin_percent,
+                           mem_available=self.available_bytes, cgroup=self.cgroup, limit=None,
+                           in_use=None, oom_kills=self.oom_count)
+
+    def oom_kills(self, master: int) -> int | None:
+        return self.oom_count
+
+    def oom_kill(self, pid: int) -> None:
+        """The kernel's OOM killer kills `pid` (the counter first, as the kernel does)."""
+        self.oom_count = (self.oom_count or 0) + 1
+        self.alive_pids.discard(pid)
+        self.slot.pop(pid, None)

@@ -1,4 +1,5 @@
-"""A service in the release layout (hotswap init ROOT): shared by test_releases and test_watch.
+"""A service in the release layout (hotswap init-releases ROOT), shared by test_releases and
+test_watch.
 
 ROOT/hotswap.ini, ROOT/current -> releases/<id>, ROOT/run, ROOT/log; release sources are
 built under SRC (srv.py, srv.ini, data/terms.tsv) and shipped with `hotswap deploy` or by
@@ -48,7 +49,7 @@ class LayoutService(Service):
         self.root.mkdir()
         self.resource = base / "terms-v1.tsv"
         write_resource(str(self.resource), TERMS, seed=7, version="v1")
-        done = self.cli("init", str(self.root))
+        done = self.cli("init-releases", str(self.root))
         assert done.returncode == 0, done.stderr
 
     def source(self, name: str, code: str | None = None) -> Path:

@@ -23,7 +23,7 @@ from scripts.fleet_demo import BIN, NEEDED_FILE, make_release, run_playbook, wri
 
 pytestmark = pytest.mark.skipif(
     not (BIN / "ansible-playbook").exists(),
-    reason="ansible-core is not installed (make venv installs the fleet extra)",
+    reason="ansible-core is not installed (make test installs the fleet extra)",
 )
 
 HOSTS = ("host1", "host2", "host3", "host4")

@@ -148,7 +148,7 @@ def test_logs_rotated_during_load_keep_reloads_working(service: Service, tmp_pat
 def test_busy_and_silent_are_told_apart(service: Service):
     service.start()
     # a swap whose old master outlives --drain: the next reload is "busy" (4), with the time
-    slow = SlowRequest(service, seconds=6)
+    slow = SlowRequest(service, seconds=12)
     done = service.cli("reload", "--drain", "0.2")
     assert done.returncode == 0, done.stderr
     service.seen_masters.add(service.health()["master_pid"])

@@ -66,7 +66,8 @@ def test_success_walks_every_phase_and_sends_only_1f():
     host = FakeHost()
     result, phases = run(host)
     assert result.ok and result.exit_code == 0
-    assert phases == ["preflight", "forking", "loading", "retiring", "verifying", "done"]
+    assert list(dict.fromkeys(phases)) == ["preflight", "forking", "loading", "retiring",
+                                           "verifying", "done"]
     assert result.message == "generation v1 (master 100) -> v2 (master 200)"
     assert sent(host) == [("live", "1f")]  # "p" and "q" are the hook's
     assert_new_serves(host)
@@ -357,3 +358,100 @@ def test_a_rollback_to_an_old_generation_busy_with_long_requests_is_not_inconsis
     result, _ = run(host)
     assert result.exit_code == ExitCode.RELOAD_FAILED and result.rolled_back
     assert any("4/4 workers busy" in w for w in result.warnings), result.warnings
+
+
+# -- memory (docs/memory.md) ------------------------------------------------------------------
+MIB = 1024 * 1024
+
+
+def test_a_second_generation_that_does_not_fit_is_refused_before_anything_changes():
+    host = FakeHost()
+    host.generation_bytes, host.available_bytes = 300 * MIB, 200 * MIB
+    with pytest.raises(HotswapError) as refused:
+        Reload(host, 30.0, 5.0).run()
+    assert refused.value.code == ExitCode.NO_ROOM == 7
+    message = refused.value.message
+    assert "needs ~390 MiB" in message and "200 MiB available" in message, message
+    assert "master 100 keeps serving" in message and "--force" in message
+    assert sent(host) == [] and host.forks == 0
+    assert host.serving() == OLD
+
+
+def test_the_margin_decides_at_the_edge():
+    hosts = [FakeHost(), FakeHost()]
+    for host in hosts:
+        host.generation_bytes, host.available_bytes = 100 * MIB, 115 * MIB
+    with pytest.raises(HotswapError):
+        Reload(hosts[0], 30.0, 5.0, memory_margin=20.0).run()
+    result = Reload(hosts[1], 30.0, 5.0, memory_margin=10.0).run()
+    assert result.ok, result.message
+
+
+def test_force_measures_but_does_not_refuse():
+    host = FakeHost()
+    host.generation_bytes, host.available_bytes = 300 * MIB, 200 * MIB
+    details: list[str] = []
+    result = Reload(host, 30.0, 5.0, lambda _p, _a, d: details.append(d), force=True).run()
+    assert result.ok, result.message
+    assert any("not checked (--force)" in d for d in details), details
+
+
+def test_unknown_figures_never_refuse():
+    host = FakeHost()
+    host.generation_bytes = host.available_bytes = None
+    assert Reload(host, 30.0, 5.0).run().ok
+
+
+def test_new_master_killed_by_the_oom_killer_is_a_rolled_back_reload():
+    host = FakeHost(plan=[])
+    host.at(0.3, lambda: host.oom_kill(NEW))
+    result = Reload(host, 30.0, 5.0, force=True).run()
+    assert result.exit_code == ExitCode.RELOAD_FAILED and result.rolled_back
+    assert result.message.startswith(
+        "new master 200 was killed by the kernel's OOM killer while loading"), result.message
+    assert_old_serves(host)
+
+
+def test_an_oom_kill_in_the_new_generation_with_its_master_alive_rolls_back():
+    host = FakeHost(plan=[])
+    host.at(0.3, lambda: host.oom_kill(NEW + 1))  # one of its workers
+    result = Reload(host, 30.0, 5.0).run()
+    assert result.exit_code == ExitCode.RELOAD_FAILED and result.rolled_back
+    assert "OOM killer killed a process of the new generation (master 200)" in result.message
+    assert ("kill", (NEW,)) in host.events
+    assert_old_serves(host)
+
+
+def test_an_oom_killed_worker_is_named_from_the_uwsgi_log():
+    host = FakeHost(plan=[])
+
+    def kill_worker() -> None:
+        host.oom_kill(NEW + 2)
+        host.log += (b"Thu Nov 26 14:00:00 2026 - DAMN ! worker 2 (pid: 202) died, killed by "
+                     b"signal 9 :( trying respawn ...\n")
+
+    host.at(0.3, kill_worker)
+    result = Reload(host, 30.0, 5.0).run()
+    assert result.message.startswith("worker 202 of new master 200 was killed by the kernel's "
+                                     "OOM killer while loading"), result.message
+    assert_old_serves(host)
+
+
+def test_a_crash_without_an_oom_kill_keeps_its_own_message():
+    host = FakeHost(plan=[])
+    host.at(0.3, lambda: host.kill_generations([NEW]))
+    result = Reload(host, 30.0, 5.0).run()
+    assert result.message.startswith("new master 200 exited while loading"), result.message
+
+
+def test_without_a_cgroup_only_a_dead_new_master_is_blamed_on_the_oom_killer():
+    """The machine-wide counter (/proc/vmstat) also counts kills far from this service."""
+    elsewhere = FakeHost()
+    elsewhere.cgroup = None
+    elsewhere.at(0.3, lambda: elsewhere.oom_kill(999))
+    assert Reload(elsewhere, 30.0, 5.0).run().ok
+    ours = FakeHost(plan=[])
+    ours.cgroup = None
+    ours.at(0.3, lambda: ours.oom_kill(NEW))
+    result = Reload(ours, 30.0, 5.0).run()
+    assert "new master 200 was killed by the kernel's OOM killer" in result.message

@@ -177,6 +177,8 @@ def test_unit_passes_systemd_analyze_verify(deployment: Deployment):
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert UNIT not in done.stderr, done.stderr  # no warning about our unit
+    # an OOM kill of the loading generation must not stop the unit (docs/memory.md)
+    assert "\nOOMPolicy=continue\n" in (folder / UNIT).read_text()
 
 
 def test_security_exposure_is_ok_or_better(deployment: Deployment):
@@ -239,6 +241,10 @@ def test_three_reloads_under_load(systemd: NamespaceSystemd, deployment: Deploym
         assert {r.master_pid for r in window} == {master}, (i + 1, master, summarize(window))
     print(f"\n3 reloads under {CONNECTIONS} connections: {summary['requests']} requests, "
           f"0 failed, reload times {[round(sw[3], 2) for sw in swaps]} s")
+    # the generation that serves is back at the unit's own oom_score_adj (docs/memory.md)
+    scores = systemd.nsenter("cat", f"/proc/{masters[-1]}/oom_score_adj",
+                             f"{RUN_DIR}/oom_score_adj").stdout.split()
+    assert scores[0] == scores[1] != "1000", scores
 
 
 def test_broken_release_keeps_the_old_master(systemd: NamespaceSystemd, deployment: Deployment):

@@ -120,3 +120,10 @@ def test_routes_answer_json_and_4xx_for_bad_input(srv_module):
         assert answer.status_code == status, url
         assert answer.get_json()["status"] == status
     assert client.post("/healthz").status_code == 405
+
+
+def test_an_empty_q_is_called_empty_not_missing(srv_module):
+    client = srv_module.app.test_client()
+    assert client.get("/lookup").get_json()["error"] == "missing query parameter q"
+    for url in ("/lookup?q=", "/lookup?q=%20"):
+        assert client.get(url).get_json()["error"] == "empty query parameter q"

@@ -1,0 +1,250 @@
+"""A swap never trades the serving generation for the loading one under memory pressure
+(issue 9, docs/memory.md): real uWSGI in a real memory cgroup that this module creates.
+
+The service (heap mode, TERMS terms: a generation of ~110-130 MiB) runs in a child memory
+cgroup of the test's own. A test "squeezes" it: the limit becomes what the serving generation
+uses plus half of its estimate, so one generation fits and two do not. The OOM killer can
+only pick processes inside that cgroup, so nothing else on the machine is at risk.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import Service, sample_paths
+
+from bench.loadgen import LoadGenerator, summarize
+from hotswap import memory, procs
+from hotswap.errors import ExitCode
+
+TERMS = 400_000
+CONNECTIONS = 32
+LOADING_SCORE = 1000  # srv.ini's loading_oom_score_adj
+
+
+class MemoryCgroup:
+    """A child memory cgroup of this process's own (v1 or v2), removed at the end."""
+
+    def __init__(self) -> None:
+        own = memory.cgroup_of(os.getpid())
+        if own is None:
+            pytest.skip("no memory cgroup (v1 memory controller or v2 with memory) here")
+        self.version = own.version
+        self.path = own.path / f"hotswap-test-{os.getpid()}"
+        try:
+            self.path.mkdir()
+        except OSError as exc:
+            pytest.skip(f"cannot create a memory cgroup under {own.path}: {exc.strerror}")
+        self.limit_file = self.path / ("memory.limit_in_bytes" if self.version == 1
+                                       else "memory.max")
+        if not self.limit_file.exists():
+            self.path.rmdir()
+            pytest.skip(f"{own.path} does not delegate the memory controller to its children")
+
+    def limit(self, size: int | None) -> None:
+        self.limit_file.write_text("max" if size is None and self.version == 2
+                                   else "-1" if size is None else str(size))
+
+    def oom_kills(self) -> int:
+        return memory.Cgroup(self.path, self.version, self.path.parent).oom_kills() or 0
+
+    def pids(self) -> list[int]:
+        return [int(p) for p in (self.path / "cgroup.procs").read_text().split()]
+
+    def remove(self) -> None:
+        assert procs.wait_until(lambda: not self.pids(), 30), f"left in cgroup: {self.pids()}"
+        self.path.rmdir()
+
+
+class CgroupService(Service):
+    """A Service whose supervisor (and so every uWSGI process) starts inside `cgroup`: a
+    shell writes its own pid into cgroup.procs, then execs `hotswap start`."""
+
+    def __init__(self, root: Path, cgroup: MemoryCgroup) -> None:
+        super().__init__(root, mode="heap")
+        self.cgroup = cgroup
+        self.release("v1", terms=TERMS)
+
+    def start(self, test_routes: bool = True) -> dict:
+        env = dict(os.environ, SRV_MODE=self.mode, SRV_TEST_ROUTES="1")
+        self.supervisor = subprocess.Popen(
+            ["sh", "-c", 'echo $$ > "$0" && exec "$@"', str(self.cgroup.path / "cgroup.procs"),
+             sys.executable, "-m", "hotswap", "--ini", str(self.ini), "start", "--supervise"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=self.root,
+            env=env, start_new_session=True,
+        )
+        return self.wait_ready()
+
+    def generation(self) -> list[int]:
+        master = self.health()["master_pid"]
+        return [master, *procs.children(master)]
+
+    def squeeze(self) -> memory.Room:
+        """Limit the cgroup to what the serving generation uses + half its estimate."""
+        master, *workers = self.generation()
+        room = memory.measure(master, workers, memory.DEFAULT_MARGIN_PERCENT)
+        assert room.needs and room.in_use, room
+        self.cgroup.limit(room.in_use + room.needs // 2)
+        return memory.measure(master, workers, memory.DEFAULT_MARGIN_PERCENT)
+
+
+@pytest.fixture(scope="module")
+def cgroup():
+    group = MemoryCgroup()
+    try:
+        yield group
+    finally:
+        group.remove()
+
+
+@pytest.fixture(scope="module")
+def svc(tmp_path_factory, cgroup: MemoryCgroup):
+    service = CgroupService(tmp_path_factory.mktemp("memory"), cgroup)
+    try:
+        service.start()
+        assert set(service.generation()) <= set(cgroup.pids()), "uWSGI outside the cgroup"
+        yield service
+    finally:
+        cgroup.limit(None)
+        service.teardown()
+
+
+def score(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/oom_score_adj").read_text())
+
+
+@pytest.mark.slow
+def test_the_loading_generation_has_the_high_score_the_serving_one_its_own(
+        svc: CgroupService):
+    normal = int((svc.run_dir / memory.NORMAL_SCORE_NAME).read_text())
+    assert normal == score(svc.supervisor.pid) != LOADING_SCORE
+    serving = svc.generation()
+    assert [score(pid) for pid in serving] == [normal] * len(serving)
+    svc.release_hanging_import()
+    try:
+        reload = svc.cli_background("reload")
+        loading = svc.loading_pid()  # the new master, blocked in its import
+        assert score(loading) == LOADING_SCORE
+        assert [score(pid) for pid in serving] == [normal] * len(serving)
+        svc.let_import_finish()
+        out, err = reload.communicate(timeout=120)
+        assert reload.returncode == 0, out + err
+    finally:
+        svc.restore_code()
+    new = svc.generation()
+    assert new[0] == loading and len(new) > 1
+    assert [score(pid) for pid in new] == [normal] * len(new), "the new generation kept 1000"
+
+
+@pytest.mark.slow
+def test_a_reload_that_does_not_fit_is_refused_and_changes_nothing(svc: CgroupService):
+    before = svc.health()
+    with LoadGenerator(str(svc.socket), CONNECTIONS, sample_paths(svc)) as load:
+        try:
+            room = svc.squeeze()
+            assert not room.fits, room
+            status = svc.status()
+            assert status["memory"]["fits"] is False, status["memory"]
+            done = svc.cli("reload")
+        finally:
+            svc.cgroup.limit(None)
+    assert done.returncode == ExitCode.NO_ROOM == 7, done.stdout + done.stderr
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith("hotswap: not enough memory for a second generation: needs ~"), line
+    assert "available" in line and f"limit {memory.human(room.limit)}" in line, line
+    assert "forking" not in done.stdout
+    after = svc.health()
+    assert (after["master_pid"], after["generation"]) == (before["master_pid"],
+                                                          before["generation"])
+    assert svc.status()["loading_master_pids"] == []
+    summary = summarize(load.records)
+    assert summary["requests"] > 100 and summary["failed"] == 0, summary
+
+
+@pytest.mark.slow
+def test_a_forced_reload_is_oom_killed_while_loading_and_rolled_back(svc: CgroupService):
+    before = svc.health()
+    kills = svc.cgroup.oom_kills()
+    with LoadGenerator(str(svc.socket), CONNECTIONS, sample_paths(svc)) as load:
+        try:
+            room = svc.squeeze()
+            done = svc.cli("reload", "--force")
+            during = svc.health()
+        finally:
+            svc.cgroup.limit(None)
+        # with room again, the same release goes through
+        svc.release("v2", terms=TERMS)
+        again = svc.cli("reload")
+    assert done.returncode == ExitCode.RELOAD_FAILED, done.stdout + done.stderr
+    first = done.stderr.splitlines()[0]
+    assert "was killed by the kernel's OOM killer while loading" in first, first
+    assert f"(limit {memory.human(room.limit)})" in first, first
+    assert "rolling-back" in done.stdout
+    assert svc.cgroup.oom_kills() > kills
+    assert during["master_pid"] == before["master_pid"], "the serving generation was hit"
+    assert again.returncode == 0, again.stdout + again.stderr
+    after = svc.health()
+    svc.seen_masters.add(after["master_pid"])
+    assert after["master_pid"] != before["master_pid"]
+    assert after["generation"].startswith("v2+")
+    summary = summarize(load.records)
+    assert summary["requests"] > 100 and summary["failed"] == 0, summary
+
+
+# -- the arithmetic, on files made here ---------------------------------------------------------
+MIB = memory.MIB
+
+
+def test_the_tightest_limit_up_the_tree_counts(tmp_path: Path):
+    """A v1 hierarchy: the service's own cgroup has no limit, its parent has one."""
+    def level(path: Path, limit: int, usage: int, inactive_file: int) -> Path:
+        path.mkdir(parents=True)
+        (path / "memory.limit_in_bytes").write_text(f"{limit}\n")
+        (path / "memory.usage_in_bytes").write_text(f"{usage}\n")
+        (path / "memory.stat").write_text(f"cache 1\ntotal_inactive_file {inactive_file}\n")
+        (path / "memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 3\n")
+        return path
+
+    level(tmp_path / "slice", 512 * MIB, 400 * MIB, 100 * MIB)
+    own = level(tmp_path / "slice" / "svc", 9223372036854771712, 300 * MIB, 50 * MIB)
+    group = memory.Cgroup(own, 1, tmp_path)
+    assert group.tightest() == (512 * MIB, 300 * MIB)  # the parent's, less its inactive files
+    assert group.oom_kills() == 3
+
+
+def test_cgroup_v2_reads_memory_max_current_and_events(tmp_path: Path):
+    parent, own = tmp_path / "system.slice", tmp_path / "system.slice" / "hotswap.service"
+    own.mkdir(parents=True)
+    for level, limit, current in ((parent, "max", 900 * MIB), (own, f"{256 * MIB}", 200 * MIB)):
+        (level / "memory.max").write_text(f"{limit}\n")
+        (level / "memory.current").write_text(f"{current}\n")
+        (level / "memory.stat").write_text(f"anon 1\ninactive_file {20 * MIB}\n")
+    (own / "memory.events").write_text("low 0\nhigh 0\nmax 4\noom 1\noom_kill 1\n")
+    group = memory.Cgroup(own, 2, tmp_path)
+    assert group.tightest() == (256 * MIB, 180 * MIB)
+    assert group.oom_kills() == 1
+
+
+def test_room_fits_only_when_the_estimate_and_its_margin_fit():
+    room = memory.Room(needs=100 * MIB, margin_percent=25, mem_available=10_000 * MIB,
+                       cgroup="/x", limit=400 * MIB, in_use=280 * MIB)
+    assert room.required == 125 * MIB and room.available == 120 * MIB
+    assert not room.fits and room.headroom == -5 * MIB
+    assert room.describe() == ("needs ~125 MiB (the serving generation's 100 MiB + 25%), "
+                               "120 MiB available (MemAvailable 9.8 GiB; limit 400 MiB, "
+                               "280 MiB in use)")
+    unknown = memory.Room(needs=None, margin_percent=25, mem_available=None, cgroup=None,
+                          limit=None, in_use=None)
+    assert unknown.fits and unknown.headroom is None
+
+
+def test_the_estimate_of_this_process_is_its_anonymous_memory():
+    before = memory.estimate([os.getpid()])
+    ballast = b"x" * (64 * MIB)  # written: anonymous, private
+    after = memory.estimate([os.getpid()])
+    assert before is not None and after is not None and after - before >= 60 * MIB
+    del ballast
