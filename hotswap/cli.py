@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import click
@@ -12,6 +14,8 @@ import click
 from . import checks, config, memory, notify, probe, scaffold
 from . import instance as inst
 from . import refresh as data_refresh
+from . import release as rel
+from . import watch as watcher
 from .config import here
 from .errors import MEANING, ExitCode, HotswapError
 from .reload import Phase, reload, write_last_reload
@@ -201,6 +205,11 @@ def refresh_cmd(ctx: Context, store_path: str, timeout: float, as_json: bool) ->
 def status(ctx: Context, as_json: bool) -> None:
     """Master, generation, workers, FIFOs, socket and the last reload's result."""
     report = inst.status(ctx.cfg)
+    if (ctx.cfg.ini.parent / "releases").is_dir():  # a release layout (docs/releases.md)
+        layout = rel.Layout(ctx.cfg.ini.parent)
+        report["release"] = {"current": layout.current_id(),
+                             "serving": rel.serving(ctx.cfg, layout) if report["running"]
+                             else None}
     if as_json:
         click.echo(json.dumps(report, indent=1))
     else:
@@ -236,6 +245,9 @@ def _format_status(report: dict) -> str:
                      f"{worker['requests']} requests{store}")
     for name, info in report["fifos"].items():
         lines.append(f"fifo {name:<7} {info['state']:<10} {info['path']}")
+    if report.get("release"):
+        lines.append(f"release     {report['release']['serving'] or '?'} serves; current -> "
+                     f"{report['release']['current']}")
     lines.append(f"socket       {report['socket_state']:<10} {report['socket']}")
     lines.append(f"log         {report['log_file']}")
     if report["reload_in_progress"]:
@@ -332,3 +344,136 @@ def init(app: str, project: str, user: str | None, health_path: str, force: bool
         click.echo(here(f"hotswap: warning: {warning}"), err=True)
     ini = here(str(written.paths[0]))
     click.echo(f"next: hotswap --ini {ini} start   (then `reload` for each new release)")
+
+
+# -- releases (docs/releases.md) --------------------------------------------------------------
+def _show_phase(as_json: bool):
+    def show(phase: Phase, at: float, detail: str) -> None:
+        if not as_json:
+            click.echo(f"  [{at:7.2f}s] {phase.value:<12} {detail}")
+    return show
+
+
+def _report(result: rel.DeployResult, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(result.to_json(), indent=1))
+    elif result.ok:
+        click.echo(f"{result.action} ok in {result.seconds:.2f}s: {result.message}")
+        if result.pruned:
+            click.echo(f"pruned {', '.join(result.pruned)}")
+    else:
+        click.echo(f"hotswap: {result.action} FAILED after {result.seconds:.2f}s: "
+                   f"{result.message}", err=True)
+        for line in (result.reload or {}).get("log_tail", []):
+            click.echo(f"  {line}", err=True)
+    sys.exit(result.exit_code)
+
+
+swap_options = [
+    click.option("--timeout", type=click.FloatRange(min=0.1), default=300.0, show_default=True,
+                 help="The reload's --timeout."),
+    click.option("--drain", type=click.FloatRange(min=0.0), default=90.0, show_default=True,
+                 help="The reload's --drain."),
+    click.option("--json", "as_json", is_flag=True, help="Print the result as JSON."),
+]
+
+
+def with_swap_options(func):
+    for option in reversed(swap_options):
+        func = option(func)
+    return func
+
+
+@main.command(name="init-releases")
+@click.argument("root", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="FIFOs, sockets, pidfile (default ROOT/run; /run/hotswap under systemd).")
+@click.option("--log-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="The uWSGI log (default ROOT/log).")
+def init_releases_cmd(root: Path, run_dir: Path | None, log_dir: Path | None) -> None:
+    """Create a release layout in ROOT: releases/, state/ and the entry ini hotswap.ini."""
+    ini = rel.init(root, run_dir, log_dir)
+    click.echo(f"release layout in {ini.parent}: deploy with `hotswap --ini {ini} deploy PATH`")
+
+
+@main.command(name="deploy", epilog=EXIT_CODES_HELP)
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option("--keep", type=click.IntRange(min=1), default=rel.DEFAULT_KEEP, show_default=True,
+              envvar="HOTSWAP_KEEP_RELEASES",
+              help="Releases to keep after a success (current and serving always kept).")
+@click.option("--check-import/--no-check-import", default=False, show_default=True,
+              help="Import the release's app in a child process before the swap.")
+@with_swap_options
+@pass_context
+def deploy_cmd(ctx: Context, source: Path, keep: int, check_import: bool, timeout: float,
+               drain: float, as_json: bool) -> None:
+    """Ship SOURCE (a folder or a tarball) as a new release: copy, check, flip, reload.
+
+    Exit 1: refused or rolled back (current names the old release, which serves)."""
+    result = rel.deploy(Path(ctx.ini), source.absolute(), timeout, drain, keep, check_import,
+                        _show_phase(as_json))
+    _report(result, as_json)
+
+
+@main.command(name="rollback", epilog=EXIT_CODES_HELP)
+@with_swap_options
+@pass_context
+def rollback_cmd(ctx: Context, timeout: float, drain: float, as_json: bool) -> None:
+    """Make the release before `current` live again (same safety as deploy)."""
+    _report(rel.rollback(ctx.cfg, timeout, drain, _show_phase(as_json)), as_json)
+
+
+@main.command(name="releases")
+@click.option("--json", "as_json", is_flag=True, help="Print the list as JSON.")
+@pass_context
+def releases_cmd(ctx: Context, as_json: bool) -> None:
+    """List releases, oldest first: C = `current` names it, S = it serves (/healthz)."""
+    rows = rel.listing(Path(ctx.ini))
+    if as_json:
+        click.echo(json.dumps(rows, indent=1))
+        return
+    for row in rows:
+        last = row["last_action"]
+        outcome = (f"  {last['action']} {'ok' if last['ok'] else 'FAILED'} {last['at']}"
+                   if last else "")
+        marks = ("C" if row["current"] else " ") + ("S" if row["serving"] else " ")
+        click.echo(f"{marks} {row['id']}{outcome}")
+
+
+@main.command(name="watch")
+@click.argument("drop", required=False, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--quiet", type=click.FloatRange(min=0.0), default=2.0, show_default=True,
+              help="Seconds without a change in DROP before acting on what landed.")
+@click.option("--keep", type=click.IntRange(min=1), default=rel.DEFAULT_KEEP, show_default=True,
+              envvar="HOTSWAP_KEEP_RELEASES", help="Passed to each deploy.")
+@click.option("--follow-current/--no-follow-current", default=True, show_default=True,
+              help="Reload when `current` is flipped by someone else to a release that does "
+              "not serve.")
+@click.option("-v", "--verbose", is_flag=True, help="Also log each change seen in DROP.")
+@pass_context
+def watch_cmd(ctx: Context, drop: Path | None, quiet: float, keep: int, follow_current: bool,
+              verbose: bool) -> None:
+    """Deploy or refresh what lands in DROP (default ROOT/drop), one action at a time; reload
+    when `current` is flipped to a release that does not serve."""
+    layout = rel.layout_of(ctx.cfg)
+    drop = (drop or layout.root / "drop").absolute()
+    drop.mkdir(parents=True, exist_ok=True)
+    stop = threading.Event()
+    received: list[str] = []
+
+    def on_signal(signum: int, _frame) -> None:  # only noted: the loop stops at its next turn
+        received.append(signal.Signals(signum).name)
+        stop.set()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, on_signal)
+
+    def log(line: str) -> None:
+        click.echo(f"hotswap watch: {line}")
+
+    runner = watcher.CliRunner(ctx.cfg, ["--keep", str(keep)], follow_current)
+    loop = watcher.Watcher(watcher.Planner(drop, quiet), runner, log, verbose=verbose,
+                           link=layout.current)
+    tick_ms = int(min(500, max(50, quiet * 250)))
+    loop.run(watcher.inotify_batches(drop, stop, tick_ms), stop)
+    log(f"stopped ({', '.join(received) or 'watch ended'})")

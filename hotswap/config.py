@@ -97,6 +97,10 @@ def _uwsgi_get(uwsgi: Path, ini: Path, keys: list[str], set_ph: str | None = Non
     return [line for line in done.stdout.splitlines() if line.strip()]
 
 
+# release.py reads a staged release's srv.ini with it (same parsing, same errors)
+uwsgi_get = _uwsgi_get
+
+
 # Asked between keys: `--get` prints nothing for an unset key, so values are told apart by
 # this placeholder's value, not by their position.
 _SEPARATOR = "@@hotswap@@"

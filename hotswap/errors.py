@@ -25,7 +25,8 @@ class ExitCode(IntEnum):
 MEANING = {
     ExitCode.OK: "success",
     ExitCode.RELOAD_FAILED: "reload failed or was interrupted before its commit point: the "
-    "new release was rolled back, the old one still serves; start: uWSGI exited before "
+    "new release was rolled back, the old one still serves; deploy/rollback: the release was "
+    "refused or rolled back, current names the old one again; start: uWSGI exited before "
     "serving",
     ExitCode.CONFIG: "bad usage or configuration (missing/unreadable ini, permission "
     "denied); reload: the ini changes a key only a restart applies (a socket, the user, a FIFO)",

@@ -4,6 +4,7 @@ one time format they (and `status --json`) use."""
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,7 +21,10 @@ def beside(path: os.PathLike | str) -> Iterator[str]:
         yield tmp
     except BaseException:
         try:
-            os.unlink(tmp)
+            if os.path.isdir(tmp) and not os.path.islink(tmp):
+                shutil.rmtree(tmp)  # a release directory being staged (release.py)
+            else:
+                os.unlink(tmp)
         except FileNotFoundError:
             pass
         raise

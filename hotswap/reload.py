@@ -496,11 +496,17 @@ def write_last_reload(cfg: Config, result: ReloadResult) -> None:
 def reload(cfg: Config, timeout: float, drain_timeout: float,
            on_phase: Callable[[Phase, float, str], None] = lambda *_: None,
            force: bool = False,
-           memory_margin: float = memory.DEFAULT_MARGIN_PERCENT) -> ReloadResult:
-    """One swap on the real host, with the reload lock held and SIGINT/SIGTERM noted."""
+           memory_margin: float = memory.DEFAULT_MARGIN_PERCENT,
+           lock_held: bool = False) -> ReloadResult:
+    """One swap on the real host, with the reload lock held and SIGINT/SIGTERM noted.
+
+    `lock_held`: the caller already holds the reload lock (release.py's deploy holds it from
+    the copy to the flip back, so no other swap runs between its flip and its reload)."""
     machine = Reload(RealHost(cfg), timeout, drain_timeout, on_phase, force, memory_margin)
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, lambda sig, _frame: machine.interrupt(signal.Signals(sig).name))
+    if lock_held:
+        return machine.run()
     with reload_lock(cfg, "start another"):
         return machine.run()

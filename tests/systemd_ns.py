@@ -75,6 +75,11 @@ def wait_for(
     return value
 
 
+def user_exists(name: str) -> bool:
+    """Whether the system account exists (a test that creates one removes it afterwards)."""
+    return subprocess.run(["getent", "passwd", name], capture_output=True).returncode == 0
+
+
 def unavailable_reason() -> str | None:
     """Why this machine cannot run a namespaced systemd, or None when it can."""
     if os.geteuid() != 0:

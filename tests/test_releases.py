@@ -1,0 +1,131 @@
+"""Releases as directories (hotswap/release.py): deploy, refuse, roll back, prune, list.
+
+One service in a release layout for the module; the tests run in file order and each
+leaves the layout serving a good release.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from conftest import Lines
+from releases_util import LayoutService, lookup_paths
+
+from bench.loadgen import LoadGenerator, summarize
+from hotswap import release
+
+CONNECTIONS = 32
+
+
+@pytest.fixture(scope="module")
+def svc(tmp_path_factory):
+    service = LayoutService(tmp_path_factory.mktemp("releases"))
+    try:
+        done = service.cli("deploy", str(service.source("v1")))
+        assert done.returncode == 0, done.stderr
+        assert "the first release" in done.stdout
+        service.start()
+        yield service
+    finally:
+        service.teardown()
+
+
+def test_layout_keeps_the_run_dir_outside_the_releases(svc: LayoutService):
+    """uWSGI resolves %d to the release folder, yet the FIFOs and socket stay in ROOT/run."""
+    master = svc.master()
+    assert Path(os.readlink(f"/proc/{master}/cwd")) == (svc.root / "releases" / svc.current())
+    assert (svc.run_dir / "0.fifo").exists() and svc.socket.exists()
+    assert not (svc.root / "releases" / svc.current() / "run").exists()
+    status = svc.status()
+    assert status["release"] == {"current": svc.current(), "serving": svc.current()}
+
+
+@pytest.mark.slow
+def test_deploy_good_then_broken_then_rollback_under_load(svc: LayoutService):
+    good, broken = svc.source("v2"), svc.broken_source("v3-broken")
+    v1 = svc.current()
+    with LoadGenerator(str(svc.socket), CONNECTIONS, lookup_paths(svc), max_seconds=240) as load:
+        done = svc.cli("deploy", str(good))
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert svc.serving_name() == "v2"
+        v2 = svc.current()
+        assert v2 != v1 and v2.endswith("-v2")
+
+        done = svc.cli("deploy", str(broken))
+        assert done.returncode == 1, done.stdout + done.stderr
+        first = done.stderr.splitlines()[0]
+        assert first.startswith("hotswap: deploy FAILED") and f"current back on {v2}" in first
+        assert "No module named 'hotswap_no_such_module'" in first
+        assert svc.current() == v2 and svc.serving_name() == "v2"
+        assert not any(r["id"].endswith("v3-broken") for r in svc.releases()), \
+            "a release that never served is left behind"
+
+        done = svc.cli("rollback")
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert svc.current() == v1 and svc.serving_name() == "v1"
+    summary = summarize(load.records)
+    assert summary["requests"] > 100, summary
+    assert summary["failed"] == 0, summary
+    rows = {r["id"]: r for r in svc.releases()}
+    assert rows[v1]["current"] and rows[v1]["serving"] and not rows[v2]["serving"]
+    assert rows[v1]["last_action"]["action"] == "rollback"
+
+
+def test_pruning_keeps_the_newest_and_the_serving_release(svc: LayoutService):
+    # current is the oldest release (rolled back to); a deploy --keep 1 keeps only the new one
+    source = svc.source("v4")
+    # what a clone that has run holds beside the release: none of it is copied
+    for folder in ("run", ".git", "data/__pycache__"):
+        (source / folder).mkdir()
+    os.mkfifo(source / "run" / "0.fifo")
+    os.mkfifo(source / "data" / "a.fifo")
+    done = svc.cli("deploy", "--keep", "1", str(source))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "pruned" in done.stdout
+    assert [r["id"] for r in svc.releases()] == [svc.current()]
+    assert svc.serving_name() == "v4"
+    copied = svc.root / "releases" / svc.current()
+    assert sorted(p.name for p in copied.iterdir()) == ["data", "srv.ini", "srv.py"]
+    assert [p.name for p in (copied / "data").iterdir()] == ["terms.tsv"]
+
+
+def test_concurrent_deploy_is_refused(svc: LayoutService):
+    first = svc.cli_background("deploy", str(svc.gated_source("v5")))
+    lines = Lines(first)
+    lines.wait_for("loading")
+    svc.loading_pid()
+    done = svc.cli("deploy", str(svc.source("v6")))
+    assert done.returncode == 4, done.stdout + done.stderr
+    assert done.stderr.startswith(f"hotswap: a reload is in progress (pid {first.pid}); "
+                                  "refusing to deploy")
+    svc.let_import_finish()
+    code, out, err = lines.finish()
+    assert code == 0, out + err
+    assert svc.serving_name() == "v5" and svc.current().endswith("-v5")
+
+
+def test_bad_input_one_line_and_nothing_changed(svc: LayoutService, tmp_path: Path):
+    before = svc.current()
+    done = svc.cli("deploy", str(tmp_path / "missing"))
+    assert (done.returncode, done.stderr) == (2, f"hotswap: no such release: "
+                                              f"{tmp_path / 'missing'}\n")
+    (tmp_path / "nosrv").mkdir()
+    (tmp_path / "nosrv" / "srv.ini").write_text((svc.src / "v1" / "srv.ini").read_text())
+    done = svc.cli("deploy", str(tmp_path / "nosrv"))
+    assert done.returncode == 1 and "lacks" in done.stderr and "srv.py" in done.stderr
+    assert len(done.stderr.splitlines()) == 1, done.stderr
+    assert svc.current() == before
+    done = svc.cli("--ini", str(svc.src / "v1" / "srv.ini"), "rollback")
+    assert done.returncode == 2 and "is not a release layout" in done.stderr
+
+
+def test_prune_never_deletes_protected_releases(tmp_path: Path):
+    layout = release.Layout(tmp_path)
+    for name in ("20260101-000000-000-a", "20260102-000000-000-b", "20260103-000000-000-c",
+                 "20260104-000000-000-d"):
+        (layout.releases / name).mkdir(parents=True)
+    gone = release.prune(layout, keep=1, protect={"20260101-000000-000-a"})
+    assert gone == ["20260102-000000-000-b", "20260103-000000-000-c"]
+    assert layout.ids() == ["20260101-000000-000-a", "20260104-000000-000-d"]

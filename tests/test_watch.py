@@ -1,0 +1,274 @@
+"""`hotswap watch`: the Planner's rules on a fake clock, then a real watcher over a real
+service in the release layout (one of each for the module, tests in file order)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+from conftest import Lines
+from releases_util import LayoutService, lookup_paths
+
+from bench.loadgen import LoadGenerator, summarize
+from hotswap import procs
+from hotswap.watch import Action, Kind, Outcome, Planner, Verdict, Watcher, classify
+
+DROP = Path("/drop")
+QUIET = 2.0
+
+
+# -- the rules, in milliseconds -------------------------------------------------------------
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeRunner:
+    """Scripted outcomes; `during` lands more entries while an action runs."""
+
+    def __init__(self, clock: Clock, fail: set[str] = frozenset()) -> None:
+        self.clock = clock
+        self.fail = fail
+        self.actions: list[Action] = []
+        self.discarded: list[Path] = []
+        self.during: list[Path] = []
+        self.watcher: Watcher | None = None
+        self.target: str | None = None  # where `current` points (None: not followed)
+        self.verdicts: list[Verdict] = []  # what reconcile() answers, in turn
+
+    def current(self) -> str | None:
+        return self.target
+
+    def reconcile(self) -> tuple[Verdict, str]:
+        return self.verdicts.pop(0), "scripted"
+
+    def run(self, action: Action) -> Outcome:
+        self.actions.append(action)
+        self.clock.now += 1.5  # the swap takes a while
+        if self.during and self.watcher:
+            self.watcher.feed(self.during)
+            self.during = []
+        ok = action.path.name not in self.fail
+        return Outcome(ok, 0 if ok else 1, "ok" if ok else "hotswap: deploy FAILED", 1.5)
+
+    def discard(self, path: Path) -> None:
+        self.discarded.append(path)
+
+
+def kind_by_name(path: Path) -> Kind | None:
+    if path.name.startswith(".") or path.name.startswith("gone"):
+        return None
+    return Kind.DATA if path.name.endswith(".lmdb") else Kind.CODE
+
+
+def make(fail: set[str] = frozenset()) -> tuple[Watcher, FakeRunner, Clock, list[str]]:
+    clock, logged = Clock(), []
+    runner = FakeRunner(clock, fail)
+    watcher = Watcher(Planner(DROP, QUIET, kind_by_name), runner, logged.append, clock)
+    runner.watcher = watcher
+    return watcher, runner, clock, logged
+
+
+def advance(watcher: Watcher, clock: Clock, seconds: float, step: float = 0.25) -> None:
+    """Ticks of the loop with no new change, as the empty batches of the real one."""
+    end = clock.now + seconds
+    while clock.now < end:
+        clock.now += step
+        watcher.tick()
+
+
+def test_a_slow_copy_waits_for_quiet_then_acts_once():
+    watcher, runner, clock, _ = make()
+    for part in ("rel", "rel/srv.ini", "rel/data/terms.tsv", "rel/data/terms.tsv", "rel/srv.py"):
+        watcher.feed([DROP / part])
+        advance(watcher, clock, QUIET - 0.5)  # each piece lands before the quiet period ends
+        assert runner.actions == []
+    advance(watcher, clock, QUIET + 0.5)
+    assert runner.actions == [Action(Kind.CODE, DROP / "rel")]
+    advance(watcher, clock, 10 * QUIET)
+    assert len(runner.actions) == 1
+    assert runner.discarded == [DROP / "rel"]
+
+
+def test_a_burst_deploys_only_the_newest():
+    watcher, runner, clock, logged = make()
+    watcher.feed([DROP / f"r{n}" for n in range(1, 6)])
+    advance(watcher, clock, QUIET + 0.5)
+    assert runner.actions == [Action(Kind.CODE, DROP / "r5",
+                                     tuple(DROP / f"r{n}" for n in range(1, 5)))]
+    assert "superseding r1, r2, r3, r4" in logged[0]
+    assert runner.discarded == [DROP / f"r{n}" for n in (5, 1, 2, 3, 4)]
+
+
+def test_what_lands_during_a_swap_is_one_follow_up():
+    watcher, runner, clock, _ = make()
+    watcher.feed([DROP / "a"])
+    runner.during = [DROP / "b", DROP / "c", DROP / "d"]
+    advance(watcher, clock, QUIET + 0.5)
+    assert [a.path.name for a in runner.actions] == ["a"]
+    advance(watcher, clock, QUIET + 0.5)
+    assert [a.path.name for a in runner.actions] == ["a", "d"]
+    advance(watcher, clock, 10 * QUIET)
+    assert len(runner.actions) == 2
+
+
+def test_a_failed_release_is_reported_once_and_retried_only_when_it_changes():
+    watcher, runner, clock, logged = make(fail={"bad"})
+    watcher.feed([DROP / "bad"])
+    advance(watcher, clock, 20 * QUIET)
+    assert [a.path.name for a in runner.actions] == ["bad"]
+    assert runner.discarded == []
+    assert "FAILED (exit 1)" in logged[-1] and "not retried until it changes" in logged[-1]
+    watcher.feed([DROP / "bad" / "srv.py"])  # the operator fixes it in place
+    advance(watcher, clock, QUIET + 0.5)
+    assert [a.path.name for a in runner.actions] == ["bad", "bad"]
+
+
+def test_ignored_and_removed_entries_never_act_and_code_goes_before_data():
+    watcher, runner, clock, _ = make()
+    watcher.feed([DROP / ".rel.tmp", DROP / "gone", DROP, Path("/elsewhere/x")])
+    advance(watcher, clock, 3 * QUIET)
+    assert runner.actions == []
+    watcher.feed([DROP / "terms-v2.lmdb", DROP / "rel"])
+    advance(watcher, clock, QUIET + 0.5)
+    advance(watcher, clock, QUIET + 0.5)
+    assert [(a.kind, a.path.name) for a in runner.actions] == [
+        (Kind.CODE, "rel"), (Kind.DATA, "terms-v2.lmdb")]
+
+
+def test_a_flip_of_current_is_checked_once_after_quiet_and_reloads_only_if_needed():
+    watcher, runner, clock, logged = make()
+    runner.target = "r1"
+    watcher.check_current()
+    runner.target = "r2"  # flipped by hand...
+    watcher.check_current()
+    runner.target = "r3"  # ...twice
+    watcher.check_current()
+    runner.verdicts = [Verdict.LATER, Verdict.RUN]  # a swap under way, then a reload needed
+    advance(watcher, clock, QUIET + 0.5)
+    assert runner.actions == []
+    advance(watcher, clock, QUIET + 0.5)
+    assert runner.actions == [Action(Kind.CURRENT, Path("current"))]
+    assert logged[0] == "reload current (scripted): running"
+    runner.target = "r4"  # flipped by a deploy, which also reloaded: found serving
+    watcher.check_current()
+    runner.verdicts = [Verdict.SKIP]
+    advance(watcher, clock, 10 * QUIET)
+    assert len(runner.actions) == 1 and runner.verdicts == []
+
+
+def test_classify_real_entries(tmp_path: Path):
+    (tmp_path / "rel").mkdir()
+    (tmp_path / ".rel.tmp").mkdir()
+    for name in ("r.tar.gz", "terms-v2.lmdb", "notes.txt", "r.tgz.part"):
+        (tmp_path / name).write_text("x")
+    kinds = {p.name: classify(p) for p in tmp_path.iterdir()}
+    assert kinds == {"rel": Kind.CODE, ".rel.tmp": None, "r.tar.gz": Kind.CODE,
+                     "terms-v2.lmdb": Kind.DATA, "notes.txt": None, "r.tgz.part": None}
+    assert classify(tmp_path / "missing") is None
+
+
+# -- a real watcher over a real service ------------------------------------------------------
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    service = LayoutService(tmp_path_factory.mktemp("watch"))
+    try:
+        assert service.cli("deploy", str(service.source("v1"))).returncode == 0
+        service.start()
+        watcher = service.cli_background("watch", "--quiet", str(QUIET), "--verbose")
+        lines = Lines(watcher)
+        lines.wait_for("watching")
+        yield service, lines
+    finally:
+        service.teardown()
+
+
+def count(lines: Lines, text: str) -> int:
+    return sum(1 for line in lines.lines if text in line)
+
+
+def wait_count(lines: Lines, text: str, n: int, timeout: float = 120.0) -> None:
+    assert procs.wait_until(lambda: count(lines, text) >= n, timeout, interval=0.01), \
+        f"{text!r} not printed {n} times; got {lines.lines}"
+
+
+@pytest.mark.slow
+def test_release_copied_slowly_swaps_once_when_complete(live):
+    service, lines = live
+    source, target = service.source("slow"), service.root / "drop" / "slow"
+    seen = f"changed: {target} "
+    # piece by piece, each only after the watcher has seen the previous one; srv.py last,
+    # so a deploy started early would be refused for lacking it
+    (target / "data").mkdir(parents=True)
+    pieces = [source / "srv.ini", source / "data" / "terms.tsv", source / "srv.py"]
+    for n, piece in enumerate(pieces, start=1):
+        wait_count(lines, seen, n)
+        shutil.copy(piece, target / piece.relative_to(source))
+    wait_count(lines, f"deploy {target}: ok", 1)
+    assert count(lines, f"deploy {target}: running") == 1
+    assert count(lines, f"deploy {target}") == 2, lines.lines  # running, then ok
+    assert service.serving_name() == "slow"
+    assert not target.exists(), "a deployed release is left in the drop folder"
+
+
+@pytest.mark.slow
+def test_five_releases_in_quick_succession_end_with_the_newest(live):
+    service, lines = live
+    sources = [service.source(f"burst{n}") for n in range(1, 6)]
+    drop = service.root / "drop"
+    before = count(lines, ": running")
+    with LoadGenerator(str(service.socket), 32, lookup_paths(service), max_seconds=240) as load:
+        for source in sources:
+            os.rename(source, drop / source.name)  # each lands complete
+        wait_count(lines, f"deploy {drop / 'burst5'}: ok", 1)
+    swaps = count(lines, ": running") - before
+    assert 1 <= swaps <= 2, lines.lines
+    assert service.serving_name() == "burst5"
+    summary = summarize(load.records)
+    assert summary["failed"] == 0, summary
+    assert not [p for p in drop.iterdir() if p.name.startswith("burst")]
+
+
+def test_current_flipped_by_hand_is_reloaded(live):
+    service, lines = live
+    slow = next(r["id"] for r in service.releases() if r["id"].endswith("-slow"))
+    os.symlink(f"releases/{slow}", service.root / ".current.flip")
+    os.replace(service.root / ".current.flip", service.root / "current")
+    wait_count(lines, f"reload {service.root / 'current'}", 2)  # running, then its outcome
+    line = next(x for x in lines.lines if f"reload {service.root / 'current'}:" in x
+                and "running" not in x)
+    assert ": ok in" in line, lines.lines
+    assert service.serving_name() == "slow"
+
+
+@pytest.mark.slow
+def test_broken_release_reported_and_old_keeps_serving(live):
+    service, lines = live
+    before = service.serving_name()
+    source = service.broken_source("broken")
+    target = service.root / "drop" / "broken"
+    os.rename(source, target)
+    wait_count(lines, f"deploy {target}: FAILED (exit 1)", 1)
+    failed = next(line for line in lines.lines if f"deploy {target}: FAILED" in line)
+    assert "No module named 'hotswap_no_such_module'" in failed
+    assert "current back on" in failed
+    assert service.serving_name() == before
+    assert target.exists(), "a failed release is kept for the operator"
+
+
+def test_watcher_stops_cleanly_on_sigterm(live):
+    service, lines = live
+    # the failed release was not tried again in the meantime
+    assert count(lines, "broken: running") <= 1
+    os.kill(lines.process.pid, signal.SIGTERM)
+    code, out, err = lines.finish(timeout=60)
+    assert code == 0, out + err
+    assert out.strip().splitlines()[-1] == "hotswap watch: stopped (SIGTERM)"
+    assert "Traceback" not in err
+    assert service.health()
