@@ -131,6 +131,14 @@ def process_age() -> float:
     return max(0.0, time.clock_gettime(time.CLOCK_BOOTTIME) - started)
 
 
+def release_id() -> str | None:
+    """The release directory this process serves from, in the release layout
+    (ROOT/releases/<id>/, docs/releases.md: uWSGI chdirs into the resolved release), else
+    None."""
+    here = Path.cwd()
+    return here.name if here.parent.name == "releases" else None
+
+
 def source_digest(module_file: str | os.PathLike) -> str:
     """8 hex digits over the Python sources of the module's top-level package (or the module
     alone): the default generation, which changes with any code change of the release."""
@@ -178,6 +186,8 @@ class Middleware:
         document = {"status": "ok", "master_pid": master_pid(), "worker_pid": os.getpid(),
                     "generation": self.generation(), "loaded_at": self.loaded_at,
                     "load_seconds": self.load_seconds}
+        if release := release_id():
+            document["release"] = release
         if self.health is None:
             return 200, document
         try:
