@@ -37,6 +37,7 @@ class LayoutService(Service):
 
     def __init__(self, base: Path) -> None:  # noqa: D107 - Service.__init__ copies a clone
         self.mode = "heap"
+        self.health_path = "/healthz"
         self.src = base / "src"
         self.root = base / "app"
         self.ini = self.root / "hotswap.ini"
