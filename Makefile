@@ -68,10 +68,11 @@ lint: $(TEST_STAMP)
 
 # deps-system first: on a fresh root machine (CI) it also installs what compiles uWSGI.
 # The bench extra too: tests/test_bench_smoke.py runs the harness and checks its plot.
-# Two workers: most tests wait on uWSGI, Ansible or a drain rather than compute; each test
-# file stays on one worker (tests/conftest.py), so `pytest` alone runs the same tests serially.
+# Two workers: most tests wait on uWSGI, Ansible or a drain rather than compute. Each test
+# file stays on one worker (loadfile: its module-scoped services start once); `pytest` alone
+# runs the same tests serially.
 test: deps-system $(TEST_STAMP) $(BENCH_STAMP) lint
-	$(BIN)/pytest -n 2 --dist loadgroup
+	$(BIN)/pytest -n 2 --dist loadfile
 
 bench: deps-system $(BENCH_STAMP)
 	$(BIN)/python -m bench.bench

@@ -101,6 +101,9 @@ EOF
 )
 WHEEL_CACHE=${HOTSWAP_WHEEL_CACHE:-$REPO/.wheels/system-python-$PYVERSION}
 mkdir -p "$WHEEL_CACHE"
+# one compile at a time: two installs at once (two test files, two operators) share the cache
+exec 9>"$WHEEL_CACHE/.lock"
+flock 9
 wheel=$(ls "$WHEEL_CACHE"/[uU][wW][sS][gG][iI]-*.whl 2>/dev/null | sort -V | tail -n 1 || true)
 if [ -z "$wheel" ]; then
     say "compiling $UWSGI_SPEC for $SYSTEM_PYTHON ($PYVERSION) into $WHEEL_CACHE"
@@ -111,6 +114,7 @@ if [ -z "$wheel" ]; then
         --no-binary uWSGI -w "$WHEEL_CACHE" "$UWSGI_SPEC"
     wheel=$(ls "$WHEEL_CACHE"/[uU][wW][sS][gG][iI]-*.whl | sort -V | tail -n 1)
 fi
+flock -u 9
 "$VPY" -m pip install --quiet --disable-pip-version-check "$wheel"
 
 # Install the hotswap package from a staged copy: an in-tree build would leave build/ and

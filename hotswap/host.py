@@ -151,26 +151,18 @@ class RealHost:
 
     def detached(self) -> list[Detached]:
         pids = procs.all_pids()
-        return [Detached(slot, pid, fd, path) for slot, path in self._fifos.items()
-                for pid, fd, gone in fifo.held(path, pids) if gone]
+        found = []
+        for slot, path in self._fifos.items():
+            holders = fifo.held(path, pids)
+            # If another master reads the FIFO now at that path, re-creating the path would
+            # take it from that master: leave the detached one alone (it retires, or drains).
+            if any(not gone for _, _, gone in holders):
+                continue
+            found.extend(Detached(slot, pid, fd, path) for pid, fd, gone in holders if gone)
+        return found
 
     def reattach(self, item: Detached) -> None:
-        """Have the master re-create its FIFO path; wait until it reads it again. The run dir
-        is re-created first (owned by the master's user): uWSGI exits if mkfifo fails."""
-        folder = item.path.parent
-        if not folder.is_dir():
-            folder.mkdir(parents=True, exist_ok=True)
-            owner = os.stat(f"/proc/{item.master}")
-            if os.geteuid() == 0:
-                os.chown(folder, owner.st_uid, owner.st_gid)
-            os.chmod(folder, 0o755)
-        fifo.reattach(item.path, item.master, item.fd)
-        def reads_it_again() -> bool:
-            held = procs.held_fd(item.master, item.path)
-            return held is not None and not held[1]
-
-        if not procs.wait_until(reads_it_again, KILL_TIMEOUT):
-            raise OSError(errno.ETIMEDOUT, f"master {item.master} did not re-create {item.path}")
+        reattach(item)
 
     def config_drift(self, master: int) -> list[str]:
         found = drift.changes(self.cfg, master)
@@ -182,7 +174,7 @@ class RealHost:
     def abort(self, master: int, error: str) -> Handover:
         """ABORTED, unless the hand-over committed first: the record as it stands after."""
         try:
-            return self._abort(master, error)
+            return record.abort(self.cfg.run_dir, master, error)
         except TimeoutError:
             # The lock's holder is stopped inside a transition (a SIGSTOPped hook): only the
             # hook takes it, and killing it releases it.
@@ -195,24 +187,10 @@ class RealHost:
                     if pid:
                         procs.signal_quietly(pid, signal.SIGKILL)
             try:
-                return self._abort(master, error)
+                return record.abort(self.cfg.run_dir, master, error)
             except TimeoutError as exc:
                 raise HotswapError(f"cannot roll back master {master}: {exc}",
                                    ExitCode.INCONSISTENT) from None
-
-    def _abort(self, master: int, error: str) -> Handover:
-        with record.locked(self.cfg.run_dir):
-            before = record.read(self.cfg.run_dir)
-            if before is None or before.master_pid != master:
-                # The hook never recorded anything: an abort record stops a late one.
-                after = Handover(master_pid=master, state=State.ABORTED, error=error,
-                                 at=time.time())
-            elif before.committed or before.state is State.ABORTED:
-                return before
-            else:
-                after = before.to(State.ABORTED, error=error, aborted_from=before.state)
-            record.write(self.cfg.run_dir, after)
-            return after
 
     def freeze(self, master: int) -> None:
         procs.kill_group(master, signal.SIGSTOP)
@@ -264,3 +242,29 @@ class RealHost:
     def oom_kills(self, master: int) -> int | None:
         """The OOM kill counter of `master`'s memory cgroup (None: no such counter)."""
         return memory.oom_kills(master)
+
+
+def reattach(item: Detached) -> None:
+    """Have the master re-create its FIFO path; wait until it reads it again. uWSGI exits if
+    its mkfifo fails: the run dir is re-created first, owned by the master's user."""
+    folder = item.path.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    master = os.stat(f"/proc/{item.master}")
+    found = os.stat(folder)
+    if (found.st_uid, found.st_gid) != (master.st_uid, master.st_gid):
+        # e.g. `rm -rf run`, then a command run as root re-created it: the master, as the
+        # service's user, could not mkfifo there.
+        if os.geteuid() != 0:
+            raise PermissionError(errno.EACCES, f"{folder} is owned by uid {found.st_uid}, "
+                                  f"master {item.master} runs as uid {master.st_uid}")
+        os.chown(folder, master.st_uid, master.st_gid)
+    if os.stat(folder).st_mode & 0o700 != 0o700:
+        os.chmod(folder, os.stat(folder).st_mode | 0o700)
+    fifo.reattach(item.path, item.master, item.fd)
+
+    def reads_it_again() -> bool:
+        held = procs.held_fd(item.master, item.path)
+        return held is not None and not held[1]
+
+    if not procs.wait_until(reads_it_again, KILL_TIMEOUT):
+        raise OSError(errno.ETIMEDOUT, f"master {item.master} did not re-create {item.path}")

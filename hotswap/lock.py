@@ -49,6 +49,15 @@ def reload_lock(cfg: Config, action: str) -> Iterator[None]:
         handle.close()
 
 
+@contextmanager
+def exclusive(path, refusal: str) -> Iterator[None]:
+    """An flock on `path` for the block; HotswapError(BUSY, refusal) if someone holds it."""
+    with open(path, "a+") as handle:
+        if not _try_lock(handle, fcntl.LOCK_EX):
+            raise HotswapError(refusal, ExitCode.BUSY)
+        yield
+
+
 def holder(cfg: Config) -> int | None:
     """The pid of a reload running now, or None (a shared lock: never blocks a reload for
     longer than CONTENTION_SECONDS)."""

@@ -187,3 +187,19 @@ def transition(
         new = current.to(to, **changes)
         write(run_dir, new)
         return new
+
+
+def abort(run_dir: Path, master: int, error: str) -> Handover:
+    """ABORTED for `master`'s hand-over, unless it committed first (or was aborted already):
+    the record as it stands after. TimeoutError if the lock's holder does not let go."""
+    with locked(run_dir):
+        before = read(run_dir)
+        if before is None or before.master_pid != master:
+            # The hook never recorded anything: an abort record stops a late one.
+            after = Handover(master_pid=master, state=State.ABORTED, error=error, at=time.time())
+        elif before.committed or before.state is State.ABORTED:
+            return before
+        else:
+            after = before.to(State.ABORTED, error=error, aborted_from=before.state)
+        write(run_dir, after)
+        return after

@@ -36,11 +36,11 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import files, probe
+from . import files, probe, procs
 from .config import Config, find_uwsgi, load, uwsgi_get
 from .errors import ExitCode, HotswapError
 from .instance import find_masters
-from .lock import reload_lock
+from .lock import exclusive, reload_lock
 from .reload import Phase, ReloadResult, reload, write_last_reload
 
 ENTRY_INI = "hotswap.ini"
@@ -223,7 +223,7 @@ def flip(layout: Layout, release_id: str) -> None:
 def serving(cfg: Config, layout: Layout) -> str | None:
     """The release the answering master loaded: /healthz's `release` if it names one, else
     the master's working directory (srv.ini's chdir = %d, the resolved release folder)."""
-    health = probe.healthz(cfg.http_socket, timeout=2.0)
+    health = probe.healthz(cfg.http_socket, timeout=2.0, path=cfg.health_path)
     if not health:
         return None
     if health.get("release"):
@@ -299,8 +299,14 @@ def deploy(ini: Path, source: Path, timeout: float, drain: float, keep: int,
     first = Layout(ini.absolute().parent)
     if first.releases.is_dir() and first.current_id() is None:
         # The first release: the entry ini cannot be read before `current` exists, and
-        # nothing can be serving from this layout yet.
-        return _first(first, source, import_check, started)
+        # nothing can be serving from this layout yet. No run dir yet either: the lock is
+        # the layout's own.
+        first.history_file.parent.mkdir(parents=True, exist_ok=True)
+        with exclusive(first.history_file.parent / "first-deploy.lock",
+                       "another deploy of the first release is in progress; refusing to "
+                       "deploy"):
+            if first.current_id() is None:
+                return _first(first, source, import_check, started)
     cfg = load(ini)
     layout = layout_of(cfg)
     with reload_lock(cfg, "deploy"):
@@ -350,7 +356,7 @@ def rollback(cfg: Config, timeout: float, drain: float, show: Show) -> DeployRes
 
 def _finish(layout: Layout, result: DeployResult, started: float, keep: int) -> DeployResult:
     """Drop a release that never served, prune after a success, and record the outcome."""
-    live = {layout.current_id(), result.serving}
+    live = {layout.current_id(), result.serving, *in_use(layout)}
     if not result.ok and result.action == "deploy" and result.release not in live:
         remove(layout, result.release)
     if result.ok and keep > 0:
@@ -373,6 +379,21 @@ def remove(layout: Layout, release_id: str | None) -> None:
     shutil.rmtree(doomed)
 
 
+def in_use(layout: Layout) -> set[str]:
+    """Releases some process still runs from (its working directory): e.g. an old master
+    still draining past --drain, whose release must outlive it."""
+    releases = layout.releases.resolve()
+    found = set()
+    for pid in procs.all_pids():
+        try:
+            cwd = Path(os.readlink(f"/proc/{pid}/cwd"))
+        except OSError:
+            continue
+        if cwd.parent == releases:
+            found.add(cwd.name)
+    return found
+
+
 def prune(layout: Layout, keep: int, protect: set[str | None]) -> list[str]:
     """Keep the newest `keep` releases, and always the current and the serving one."""
     ids = layout.ids()
@@ -393,6 +414,9 @@ def history(layout: Layout) -> list[dict]:
 def listing(ini: Path) -> list[dict]:
     """Every release, oldest first, with whether `current` names it and whether it serves."""
     layout = Layout(ini.absolute().parent)
+    if not layout.releases.is_dir():
+        raise HotswapError(f"{ini} is not a release layout (no {layout.releases}): create one "
+                           "with `hotswap init-releases ROOT`", ExitCode.CONFIG)
     current = layout.current_id()
     live = serving(load(ini), layout) if current else None
     last = {r["release"]: r for r in history(layout) if r.get("release")}

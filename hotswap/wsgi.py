@@ -59,11 +59,14 @@ class EntryError(RuntimeError):
 def parse_target(spec: str) -> tuple[str, str, bool]:
     """'pkg.mod:name' or 'pkg.mod:factory()' -> (module, attribute, call it)."""
     module, sep, attr = spec.strip().partition(":")
+    if sep and not attr:  # "pkg.mod:" names nothing; "pkg.mod" alone means :application
+        raise EntryError(f"{APP_KEY} = {spec!r}: nothing after the ':'; expected "
+                         "package.module:callable or package.module:factory()")
     attr = attr or "application"
     factory = attr.endswith("()")
     attr = attr.removesuffix("()")
     names_ok = all(p.isidentifier() for p in module.split(".")) and attr.isidentifier()
-    if not module or (sep and not attr) or not names_ok:
+    if not module or not names_ok:
         raise EntryError(f"{APP_KEY} = {spec!r}: expected package.module:callable "
                          "or package.module:factory()")
     return module, attr, factory
@@ -143,7 +146,9 @@ def source_digest(module_file: str | os.PathLike) -> str:
     """8 hex digits over the Python sources of the module's top-level package (or the module
     alone): the default generation, which changes with any code change of the release."""
     path = Path(module_file).resolve()
-    root = path.parent if path.name == "__init__.py" else path
+    root = path
+    while (root.parent / "__init__.py").exists():  # climb to the top-level package
+        root = root.parent
     files = sorted(root.rglob("*.py")) if root.is_dir() else [root]
     digest = hashlib.sha256()
     for file in files:

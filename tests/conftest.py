@@ -300,12 +300,3 @@ def sample_paths(svc: Service, count: int = 50) -> tuple[str, ...]:
         for _, line in zip(range(count), handle, strict=False):
             paths.append(f"/lookup?q={line.split(chr(9))[0]}")
     return tuple(paths)
-
-
-def pytest_collection_modifyitems(config, items) -> None:
-    """Under pytest-xdist (`make test`: -n 2 --dist loadgroup), one group per test file: its
-    module-scoped services start once, on one worker. The two systemd files share a group:
-    both build the system-Python venv that deploy/install-systemd.sh installs from."""
-    for item in items:
-        stem = item.path.stem
-        item.add_marker(pytest.mark.xdist_group("systemd" if "systemd" in stem else stem))

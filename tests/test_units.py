@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from bench.loadgen import _parse_answer
-from hotswap import fifo, notify
+from hotswap import fifo, notify, wsgi
 from scripts.gen_resource import write_resource
 
 
@@ -127,3 +127,26 @@ def test_an_empty_q_is_called_empty_not_missing(srv_module):
     assert client.get("/lookup").get_json()["error"] == "missing query parameter q"
     for url in ("/lookup?q=", "/lookup?q=%20"):
         assert client.get(url).get_json()["error"] == "empty query parameter q"
+
+
+# -- hotswap/wsgi.py: the app spec and the default generation -----------------------------
+@pytest.mark.parametrize("spec", ["pkg.mod:", ":app", "pkg..mod:app", "pkg.mod:a-b", ""])
+def test_app_specs_that_name_nothing_are_refused(spec: str):
+    with pytest.raises(wsgi.EntryError):
+        wsgi.parse_target(spec)
+
+
+def test_app_specs():
+    assert wsgi.parse_target("pkg.mod:make()") == ("pkg.mod", "make", True)
+    assert wsgi.parse_target("pkg.mod") == ("pkg.mod", "application", False)
+
+
+def test_the_default_generation_covers_the_whole_top_level_package(tmp_path: Path):
+    package = tmp_path / "myapp"
+    (package / "sub").mkdir(parents=True)
+    for name in ("__init__.py", "wsgi.py", "views.py", "sub/__init__.py"):
+        (package / name).write_text("x = 1\n")
+    before = wsgi.source_digest(package / "wsgi.py")
+    assert wsgi.source_digest(package / "sub" / "__init__.py") == before
+    (package / "views.py").write_text("x = 2\n")
+    assert wsgi.source_digest(package / "wsgi.py") != before
