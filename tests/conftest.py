@@ -210,8 +210,13 @@ class Service:
             process.communicate(timeout=30)
         if procs.alive(self.master()):
             self.cli("stop", "--timeout", "20", timeout=60)
-        for pid in self.all_pids():
-            procs.signal_quietly(pid, signal.SIGKILL)
+        # A master SIGKILLed after its worker may have respawned that worker meanwhile, and a
+        # killed process takes a moment to die on a busy machine: kill, wait, look again.
+        for _ in range(3):
+            doomed = self.all_pids()
+            for pid in doomed:
+                procs.signal_quietly(pid, signal.SIGKILL)
+            procs.wait_gone(doomed, 10)
         if self.supervisor:
             try:
                 self.supervisor.wait(timeout=10)
