@@ -305,3 +305,16 @@ def sample_paths(svc: Service, count: int = 50) -> tuple[str, ...]:
         for _, line in zip(range(count), handle, strict=False):
             paths.append(f"/lookup?q={line.split(chr(9))[0]}")
     return tuple(paths)
+
+
+# The longest files first: under `make test` (two xdist workers, one file each at a time) the
+# fleet's Ansible runs overlap the rest instead of running alone at the end.
+LONGEST_FIRST = ("test_fleet", "test_systemd", "test_watch_systemd", "test_faults")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    def rank(item) -> int:
+        stem = item.path.stem
+        return LONGEST_FIRST.index(stem) if stem in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: each file keeps its own order
