@@ -72,7 +72,7 @@ lint: $(TEST_STAMP)
 # file stays on one worker (loadfile: its module-scoped services start once); `pytest` alone
 # runs the same tests serially.
 test: deps-system $(TEST_STAMP) $(BENCH_STAMP) lint
-	$(BIN)/pytest -n 3 --dist loadfile
+	$(BIN)/pytest -n 2 --dist loadfile
 
 bench: deps-system $(BENCH_STAMP)
 	$(BIN)/python -m bench.bench
