@@ -10,7 +10,6 @@ clients; needs a writable memory cgroup, as that module does.
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import test_memory
@@ -18,7 +17,7 @@ from conftest import sample_paths
 from test_memory import CgroupService, MemoryCgroup
 
 from bench.loadgen import LoadGenerator, summarize
-from hotswap import memory
+from hotswap import memory, procs
 
 
 def mib(size: int) -> str:
@@ -42,7 +41,8 @@ def main(root: Path, terms: int) -> None:
     try:
         svc.start()
         with LoadGenerator(str(svc.socket), 32, sample_paths(svc), max_seconds=120) as load:
-            time.sleep(3)  # let the workers touch their pages under load
+            # the workers touch their pages under load: measure after some thousands of requests
+            procs.wait_until(lambda: len(load.records) >= 3000, 30)
             print("$ hotswap status | grep memory\n" + memory_line(svc))
             for n in range(2, 5):
                 master, *workers = svc.generation()
