@@ -5,7 +5,7 @@ modes, both checked at import time, in the uWSGI master, before any worker is fo
 release whose data is corrupt, truncated or missing raises here, so its master exits
 (need-app) and never takes traffic.
 
-- store (default): a memory-mapped LMDB store (scripts/build_store.py, hotswap/store.py),
+- store (default): a memory-mapped LMDB store (scripts/build_store.py, hotswap/protocol/store.py),
   validated with one full pass (which also warms the page cache) and closed again; each
   worker maps it after the fork, and every process shares one copy of it through the page
   cache. `hotswap refresh` switches the workers to a new store without new processes.
@@ -33,7 +33,7 @@ from urllib.parse import quote  # noqa: E402
 
 from flask import Flask, g, jsonify, request  # noqa: E402
 
-from hotswap import wsgi  # noqa: E402
+from hotswap.inside import wsgi  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODE = os.environ.get("SRV_MODE") or "store"
@@ -103,8 +103,8 @@ if MODE == "heap":
     STORE_FACTS: dict = {}
     DATA_VERSION = HEAP.version
 elif MODE == "store":
-    from hotswap.live_store import LiveStore  # noqa: E402
-    from hotswap.store import StoreError  # noqa: E402
+    from hotswap.inside.live_store import LiveStore  # noqa: E402
+    from hotswap.protocol.store import StoreError  # noqa: E402
 
     HEAP = None
     LIVE = LiveStore(STORE_POINTER)
@@ -206,7 +206,7 @@ if os.environ.get("SRV_TEST_ROUTES") == "1":
 
 
 def _health() -> dict:
-    """The sample's fields beside the kit's (hotswap/wsgi.py): one snapshot for all."""
+    """The sample's fields beside the kit's (hotswap/inside/wsgi.py): one snapshot for all."""
     source = _source()
     return {
         "generation": f"{source.version}+{CODE_VERSION}",

@@ -38,7 +38,7 @@ from dataclasses import asdict
 from bench import report
 from bench.memory import MemorySampler
 from bench.modes import MODES, REPO, VENV_BIN, Hotswap, ModeError, Window, wait_until
-from hotswap import procs
+from hotswap.system import procs
 
 NGINX_MODE = "hotswap-nginx"
 ALL_MODES = [*MODES, NGINX_MODE]

@@ -28,7 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench import memory
-from hotswap import fifo, probe, procs, stats, store
+from hotswap.protocol import fifo, store
+from hotswap.swap import probe
+from hotswap.system import procs, stats
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "bench", "configs")

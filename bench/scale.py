@@ -36,8 +36,10 @@ from pathlib import Path
 
 from bench import memory
 from bench.bench import LoadProcess, Resource, log
-from hotswap import probe, procs, store
-from hotswap.live_store import SWITCH_FILE
+from hotswap.inside.live_store import SWITCH_FILE
+from hotswap.protocol import store
+from hotswap.swap import probe
+from hotswap.system import procs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)

@@ -11,15 +11,18 @@ from pathlib import Path
 
 import click
 
-from . import checks, config, memory, notify, probe, scaffold
-from . import instance as inst
-from . import refresh as data_refresh
-from . import release as rel
-from . import watch as watcher
+from . import config
 from .config import here
 from .errors import MEANING, ExitCode, HotswapError
-from .reload import Phase, reload, write_last_reload
-from .supervisor import Supervisor
+from .releases import refresh as data_refresh
+from .releases import release as rel
+from .releases import watch as watcher
+from .service import checks, scaffold
+from .service import instance as inst
+from .service.supervisor import Supervisor
+from .swap import probe
+from .swap.reload import Phase, reload, write_last_reload
+from .system import memory, notify
 
 # probe speaks the monitoring-plugin convention, not the rest of the CLI's codes.
 PROBE_OK, PROBE_WARNING, PROBE_CRITICAL, PROBE_UNKNOWN = 0, 1, 2, 3

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ExitCode, HotswapError
-from .wsgi import DEFAULT_HEALTH_PATH, HEALTH_PATH_KEY
+from .inside.wsgi import DEFAULT_HEALTH_PATH, HEALTH_PATH_KEY
 
 
 def here(text: str) -> str:
@@ -52,7 +52,7 @@ class Config:
     stats_socket: Path
     http_socket: Path
     log_file: Path
-    health_path: str = DEFAULT_HEALTH_PATH  # what reload, status and probe GET (hotswap/wsgi.py)
+    health_path: str = DEFAULT_HEALTH_PATH  # what reload, status and probe GET (hotswap/inside/wsgi.py)
 
     @property
     def lock_file(self) -> Path:

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Build the memory-mapped store (hotswap/store.py) from a table made by gen_resource.py.
+"""Build the memory-mapped store (hotswap/protocol/store.py) from a table made by gen_resource.py.
 
     python scripts/build_store.py data/terms.tsv -o data/store   # data/store/terms-v1.lmdb
     python scripts/build_store.py data/terms.tsv -o data/store --point  # + data/store/current
@@ -22,7 +22,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from hotswap import store  # noqa: E402
+from hotswap.protocol import store  # noqa: E402
 
 HEADER_PREFIX = b"# hotswap-resource v1 "
 

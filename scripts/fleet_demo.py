@@ -36,7 +36,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench.loadgen import LoadGenerator, summarize  # noqa: E402
-from hotswap import probe, procs  # noqa: E402
+from hotswap.swap import probe  # noqa: E402
+from hotswap.system import procs  # noqa: E402
 from scripts.gen_resource import write_resource  # noqa: E402
 
 ANSIBLE_DIR = REPO / "deploy" / "ansible"

@@ -2,7 +2,7 @@
 
 Two apps a user might bring: a plain WSGI function (one module) and a Flask app built by an
 application factory (a package). Each release rewrites the app's source with a new VERSION,
-so the default generation (a digest of the sources, hotswap/wsgi.py) changes with it.
+so the default generation (a digest of the sources, hotswap/inside/wsgi.py) changes with it.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ TABLE = {f"k{i}": i * i for i in range(20000)}
 if len(TABLE) != 20000:
     raise RuntimeError("table incomplete")  # raise on bad data: the release never serves
 BROKEN_ITEM = @BROKEN@  # a release that imports fine and answers 500 on /item
-# the app's own smoke check (hotswap.entry reads it beside srv.ini's hotswap-smoke)
+# the app's own smoke check (hotswap.inside.entry reads it beside srv.ini's hotswap-smoke)
 hotswap_smoke = "GET /item?k=k1 -> 200"
 
 

@@ -21,7 +21,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from hotswap import probe, procs, stats  # noqa: E402
+from hotswap.swap import probe  # noqa: E402
+from hotswap.system import procs, stats  # noqa: E402
 from scripts.build_store import main as build_store  # noqa: E402
 from scripts.gen_resource import write_resource  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""A fake Host (hotswap/host.py) for the reload machine's unit tests: a fake clock, one old
+"""A fake Host (hotswap/swap/host.py) for the reload machine's unit tests: a fake clock, one old
 master (100) with four workers, and a new generation (200) whose hook follows a scripted plan.
 
 It models only what the machine can observe, the way uWSGI behaves:
@@ -15,9 +15,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from hotswap import fifo, memory
-from hotswap.host import Detached, Masters, Slot
-from hotswap.record import Handover, State
+from hotswap.protocol import fifo
+from hotswap.protocol.record import Handover, State
+from hotswap.swap.host import Detached, Masters, Slot
+from hotswap.system import memory
 
 OLD, NEW = 100, 200
 OLD_WORKERS = [101, 102, 103, 104]

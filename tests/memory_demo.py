@@ -17,7 +17,7 @@ from conftest import sample_paths
 from test_memory import CgroupService, MemoryCgroup
 
 from bench.loadgen import LoadGenerator, summarize
-from hotswap import memory, procs
+from hotswap.system import memory, procs
 
 
 def mib(size: int) -> str:

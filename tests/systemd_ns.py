@@ -44,7 +44,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from hotswap.procs import wait_until
+from hotswap.system.procs import wait_until
 
 SYSTEMD = "/lib/systemd/systemd"
 T = TypeVar("T")

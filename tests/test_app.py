@@ -15,7 +15,10 @@ import pytest
 from app_util import InitProject, flask_project, plain_project
 
 from bench.loadgen import LoadGenerator, summarize
-from hotswap import checks, config, procs, wsgi
+from hotswap import config
+from hotswap.inside import wsgi
+from hotswap.service import checks
+from hotswap.system import procs
 
 CONNECTIONS = 32
 # more for a soak: HOTSWAP_APP_RELOADS=50 pytest tests/test_app.py -k plain
@@ -76,6 +79,23 @@ def test_flask_factory_app_swaps_under_load(tmp_path: Path):
         probe = project.cli("probe")
         assert probe.returncode == 0 and probe.stdout.startswith("OK - GET /-/ready -> 200")
         assert project.status()["generation"] == health["generation"]
+        swaps_under_load(project, 2)
+    finally:
+        project.teardown()
+
+
+@pytest.mark.slow
+def test_an_ini_naming_the_old_paths_still_swaps(tmp_path: Path):
+    """An srv.ini written by `hotswap init` before the layout by role names the entry point
+    and the hook by their flat paths; the shims keep both working, swap included."""
+    project = plain_project(tmp_path)
+    ini = project.root / "srv.ini"
+    text = ini.read_text()
+    assert "hotswap.inside.entry:application" in text and "-m hotswap.inside.handover" in text
+    ini.write_text(text.replace("hotswap.inside.entry", "hotswap.entry")
+                   .replace("hotswap.inside.handover", "hotswap.handover"))
+    try:
+        project.start()
         swaps_under_load(project, 2)
     finally:
         project.teardown()

@@ -16,7 +16,7 @@ import pytest
 from conftest import Lines, Service, SlowRequest, sample_paths
 
 from bench.loadgen import LoadGenerator, summarize
-from hotswap import procs
+from hotswap.system import procs
 
 CONNECTIONS = 32
 pytestmark = pytest.mark.slow

@@ -18,7 +18,7 @@ import pytest
 from conftest import REPO, TEST_TERMS, Service, sample_paths
 
 from bench.loadgen import LoadGenerator, summarize
-from hotswap import procs
+from hotswap.system import procs
 from scripts.fleet_demo import BIN, NEEDED_FILE, make_release, run_playbook, write_inventory
 
 pytestmark = pytest.mark.skipif(

@@ -14,7 +14,7 @@ import pytest
 from conftest import REPO, Service, SlowRequest, sample_paths
 
 from bench.loadgen import LoadGenerator, summarize
-from hotswap import procs
+from hotswap.system import procs
 
 pytestmark = pytest.mark.slow
 CONNECTIONS = 32

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 from conftest import REPO, Service, SlowRequest
 
-from hotswap import probe, procs
+from hotswap.swap import probe
+from hotswap.system import procs
 
 NOT_RUNNING, CONFIG, BUSY = 3, 2, 4
 

@@ -12,9 +12,9 @@ import pytest
 from fakehost import GOOD_PLAN, NEW, OLD, FakeHost
 
 from hotswap.errors import ExitCode, HotswapError
-from hotswap.host import Detached, Masters, Slot
-from hotswap.record import Handover, State
-from hotswap.reload import PAUSE_STALL, Phase, Reload
+from hotswap.protocol.record import Handover, State
+from hotswap.swap.host import Detached, Masters, Slot
+from hotswap.swap.reload import PAUSE_STALL, Phase, Reload
 
 # The good plan cut after a step: the hook stops there (SIGKILLed, SIGSTOPped, or slow).
 UNTIL_NOTIFYING = GOOD_PLAN[:2]

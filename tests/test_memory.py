@@ -18,8 +18,8 @@ import pytest
 from conftest import Service, sample_paths
 
 from bench.loadgen import LoadGenerator, summarize
-from hotswap import memory, procs
 from hotswap.errors import ExitCode
+from hotswap.system import memory, procs
 
 TERMS = 400_000
 CONNECTIONS = 32

@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 
 from bench.report import size_text
-from hotswap import config, files, instance
+from hotswap import config
 from hotswap.errors import MEANING
+from hotswap.service import instance
+from hotswap.system import files
 from tests.test_tour import tour_steps
 
 REPO = Path(__file__).resolve().parents[1]

@@ -13,7 +13,7 @@ import pytest
 from conftest import REPO, Service
 
 from bench.loadgen import LoadGenerator, request_once, summarize
-from hotswap import procs
+from hotswap.system import procs
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 pytestmark = pytest.mark.skipif(

@@ -1,4 +1,4 @@
-"""Releases as directories (hotswap/release.py): deploy, refuse, roll back, prune, list.
+"""Releases as directories (hotswap/releases/release.py): deploy, refuse, roll back, prune, list.
 
 One service in a release layout for the module; the tests run in file order and each
 leaves the layout serving a good release.
@@ -14,7 +14,7 @@ from conftest import Lines
 from releases_util import LayoutService, lookup_paths
 
 from bench.loadgen import LoadGenerator, summarize
-from hotswap import release
+from hotswap.releases import release
 
 CONNECTIONS = 32
 

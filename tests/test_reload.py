@@ -13,7 +13,7 @@ import pytest
 from conftest import Service, SlowRequest, sample_paths
 
 from bench.loadgen import LoadGenerator, summarize
-from hotswap import procs
+from hotswap.system import procs
 
 CONNECTIONS = 32
 

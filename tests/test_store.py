@@ -19,7 +19,9 @@ import pytest
 from conftest import Service, sample_paths
 
 from bench.loadgen import LoadGenerator, summarize
-from hotswap import probe, procs, store
+from hotswap.protocol import store
+from hotswap.swap import probe
+from hotswap.system import procs
 from scripts.build_store import read_table
 from scripts.gen_resource import write_resource
 
@@ -82,11 +84,11 @@ def test_validation_refuses_damaged_stores(tmp_path: Path, damage, message):
 def test_the_validator_child_speaks_one_line(tmp_path: Path):
     path = tmp_path / "s.lmdb"
     make_store(path, "v1", 5000)
-    ok = subprocess.run([sys.executable, "-m", "hotswap.store", "validate", str(path)],
+    ok = subprocess.run([sys.executable, "-m", "hotswap.protocol.store", "validate", str(path)],
                         capture_output=True, text=True, check=False)
     assert ok.returncode == 0 and json.loads(ok.stdout)["version"] == "v1"
     flip_byte(path)
-    bad = subprocess.run([sys.executable, "-m", "hotswap.store", "validate", str(path)],
+    bad = subprocess.run([sys.executable, "-m", "hotswap.protocol.store", "validate", str(path)],
                          capture_output=True, text=True, check=False)
     assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1
 

@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from systemd_ns import NamespaceSystemd, unavailable_reason, wait_for  # noqa: E402
 
 from bench.loadgen import LoadGenerator, request_once, summarize  # noqa: E402
-from hotswap import probe, stats  # noqa: E402
+from hotswap.swap import probe  # noqa: E402
+from hotswap.system import stats  # noqa: E402
 from scripts.gen_resource import write_resource  # noqa: E402
 
 UNIT = "hotswap.service"

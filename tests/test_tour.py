@@ -27,7 +27,8 @@ from pathlib import Path
 
 import pytest
 
-from hotswap import probe, procs
+from hotswap.swap import probe
+from hotswap.system import procs
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"

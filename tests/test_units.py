@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 
 from bench.loadgen import _parse_answer
-from hotswap import fifo, notify, wsgi
+from hotswap.inside import wsgi
+from hotswap.protocol import fifo
+from hotswap.system import notify
 from scripts.gen_resource import write_resource
 
 
@@ -129,7 +131,7 @@ def test_an_empty_q_is_called_empty_not_missing(srv_module):
         assert client.get(url).get_json()["error"] == "empty query parameter q"
 
 
-# -- hotswap/wsgi.py: the app spec and the default generation -----------------------------
+# -- hotswap/inside/wsgi.py: the app spec and the default generation -----------------------------
 @pytest.mark.parametrize("spec", ["pkg.mod:", ":app", "pkg..mod:app", "pkg.mod:a-b", ""])
 def test_app_specs_that_name_nothing_are_refused(spec: str):
     with pytest.raises(wsgi.EntryError):

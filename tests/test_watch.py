@@ -13,8 +13,8 @@ from conftest import Lines
 from releases_util import LayoutService, lookup_paths
 
 from bench.loadgen import LoadGenerator, summarize
-from hotswap import procs
-from hotswap.watch import Action, Kind, Outcome, Planner, Verdict, Watcher, classify
+from hotswap.releases.watch import Action, Kind, Outcome, Planner, Verdict, Watcher, classify
+from hotswap.system import procs
 
 DROP = Path("/drop")
 QUIET = 2.0
@@ -235,6 +235,7 @@ def test_five_releases_in_quick_succession_end_with_the_newest(live):
     assert not [p for p in drop.iterdir() if p.name.startswith("burst")]
 
 
+@pytest.mark.slow  # flips to the release test_release_copied_slowly_swaps_once_when_complete made
 def test_current_flipped_by_hand_is_reloaded(live):
     service, lines = live
     slow = next(r["id"] for r in service.releases() if r["id"].endswith("-slow"))

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from systemd_ns import NamespaceSystemd, unavailable_reason, user_exists, wait_for  # noqa: E402
 
 from bench.loadgen import LoadGenerator, summarize  # noqa: E402
-from hotswap import probe  # noqa: E402
+from hotswap.swap import probe  # noqa: E402
 from scripts.gen_resource import write_resource  # noqa: E402
 
 SERVICE, WATCH = "hotswap.service", "hotswap-watch.service"

@@ -8,7 +8,7 @@ into its own heap after the fork, and reloads it itself.
                      `hotswap refresh` uses, but each worker parses the table itself
 
 Same routes and headers as srv.py (/healthz, /lookup). Each worker writes the kit's worker
-report (hotswap/store.py) after every load, so the bench can ask each worker what it serves.
+report (hotswap/protocol/store.py) after every load, so the bench can ask each worker what it serves.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import time
 
 from flask import Flask, jsonify, request
 
-from hotswap import store
-from hotswap.live_store import SWITCH_FILE, SWITCH_SIGNAL
+from hotswap.inside.live_store import SWITCH_FILE, SWITCH_SIGNAL
+from hotswap.protocol import store
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESOURCE = os.environ.get("SRV_RESOURCE") or os.path.join(HERE, "data", "terms.tsv")

@@ -3,8 +3,8 @@
 Any WSGI callable (Flask, Django, Falcon, a plain function) is wrapped at import, in the
 uWSGI master, before any worker forks:
 
-    application = hotswap.wsgi.wrap(application)               # any WSGI callable
-    app.wsgi_app = hotswap.wsgi.wrap(app.wsgi_app, ...)        # Flask: app stays the app
+    application = hotswap.inside.wsgi.wrap(application)               # any WSGI callable
+    app.wsgi_app = hotswap.inside.wsgi.wrap(app.wsgi_app, ...)        # Flask: app stays the app
 
 `wrap()` does three things:
 
@@ -12,7 +12,7 @@ uWSGI master, before any worker forks:
   wrapped app, in this process. One that fails raises SmokeError, so the import fails: with
   `need-app` the new master exits before forking workers, and `hotswap reload` rolls back and
   shows the SmokeError line from the uWSGI log. No client ever sees that release.
-- exports HOTSWAP_GENERATION, which the accepting hook (hotswap/handover.py) reports.
+- exports HOTSWAP_GENERATION, which the accepting hook (hotswap/inside/handover.py) reports.
 - answers GET <health path> (srv.ini's `hotswap-health`, default /healthz) with what `hotswap
   reload`, `status` and `probe` read: status, master_pid, worker_pid, generation, loaded_at,
   load_seconds, plus the app's `health()` dict; a `health()` that raises answers 503. Every
@@ -38,13 +38,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote
 
-from . import uwsgilog
+from ..system import uwsgilog
 
 # srv.ini keys the kit reads (uWSGI keeps unknown keys as placeholders; `uwsgi.opt` and
 # `uwsgi --get` both see them). config.py reads the same keys for the CLI.
 HEALTH_PATH_KEY = "hotswap-health"
 SMOKE_KEY = "hotswap-smoke"
-APP_KEY = "hotswap-app"  # what hotswap/entry.py serves (an ini `hotswap init` wrote)
+APP_KEY = "hotswap-app"  # what hotswap/inside/entry.py serves (an ini `hotswap init` wrote)
 DEFAULT_HEALTH_PATH = "/healthz"
 # uWSGI keeps only the last value of a repeated custom key: several checks share one line.
 SMOKE_SEPARATOR = "|"

@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .wsgi import DEFAULT_HEALTH_PATH
+from ..inside.wsgi import DEFAULT_HEALTH_PATH
 
 
 class UnixHTTPConnection(http.client.HTTPConnection):
@@ -55,7 +55,7 @@ def get(socket_path: str | Path, path: str = DEFAULT_HEALTH_PATH, timeout: float
 
 def healthz(socket_path: str | Path, timeout: float = 5.0,
             path: str = DEFAULT_HEALTH_PATH) -> dict | None:
-    """The health document (hotswap/wsgi.py) at `path` (the ini's health path, Config.
+    """The health document (hotswap/inside/wsgi.py) at `path` (the ini's health path, Config.
     health_path), or None if the service does not answer 200 with JSON."""
     try:
         answer = get(socket_path, path, timeout)

@@ -1,13 +1,13 @@
 """`hotswap refresh STORE`: a data-only release, without new processes.
 
 1. preflight: a live master, no swap in progress (the reload lock: a refresh and a reload
-   exclude each other), every worker in store mode (each has a report, hotswap/store.py);
+   exclude each other), every worker in store mode (each has a report, hotswap/protocol/store.py);
 2. validate the named store once, in a child process (a store bad enough to crash LMDB kills
    the child, not the CLI), before any worker sees it; a bad store changes nothing;
 3. point the workers' pointer (data/store/current) at it, so a later reload or restart
    serves the same data, then write `<run_dir>/store.switch`: the master's file monitor
    raises a uWSGI signal in every worker, which switches between two requests
-   (hotswap/live_store.py);
+   (hotswap/inside/live_store.py);
 4. wait until every worker of the live master reports the new store (each worker writes its
    own report; none is inferred from another). Past --timeout, the pointer goes back and the
    workers are switched back (exit 5).
@@ -24,12 +24,14 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import files, probe, procs, stats, store
-from .config import Config
-from .errors import ExitCode, HotswapError
-from .instance import find_masters
-from .live_store import SWITCH_FILE
-from .lock import reload_lock
+from ..config import Config
+from ..errors import ExitCode, HotswapError
+from ..inside.live_store import SWITCH_FILE
+from ..protocol import store
+from ..service.instance import find_masters
+from ..swap import probe
+from ..swap.lock import reload_lock
+from ..system import files, procs, stats
 
 # An idle worker waiting for uWSGI's thunder lock (srv.ini: thunder-lock) cannot read its
 # signal until the lock holder lets go, which an idle holder only does after a request: while
@@ -68,8 +70,9 @@ class RefreshResult:
 def validate_in_child(path: Path, timeout: float) -> store.StoreInfo:
     """StoreInfo of `path`, or HotswapError(RELOAD_FAILED) with the validator's one line."""
     try:
-        done = subprocess.run([sys.executable, "-m", "hotswap.store", "validate", str(path)],
-                              capture_output=True, text=True, timeout=timeout, check=False)
+        done = subprocess.run([sys.executable, "-m", "hotswap.protocol.store", "validate",
+                               str(path)], capture_output=True, text=True, timeout=timeout,
+                              check=False)
     except subprocess.TimeoutExpired:
         raise HotswapError(f"validating {path} took over {timeout:g}s",
                            ExitCode.TIMEOUT) from None

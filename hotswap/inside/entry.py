@@ -1,8 +1,8 @@
-"""The uWSGI entry point of a project set up by `hotswap init`: `module = hotswap.entry`.
+"""The uWSGI entry point of a project set up by `hotswap init`: `module = hotswap.inside.entry`.
 
 It imports the app srv.ini names in `hotswap-app` ("package.module:callable", or
 "package.module:factory()" for an application factory, called with no arguments), wraps
-it in the kit's middleware (hotswap/wsgi.py: health path, smoke checks, headers) and
+it in the kit's middleware (hotswap/inside/wsgi.py: health path, smoke checks, headers) and
 exposes it as `application`. The user's module is not edited; it may optionally define
 
     hotswap_generation   a str, or a callable returning one (default: a digest of the

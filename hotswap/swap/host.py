@@ -28,10 +28,12 @@ from enum import Enum
 from pathlib import Path
 from typing import Protocol
 
-from . import drift, fifo, files, memory, notify, probe, procs, record, stats, uwsgilog
-from .config import Config
-from .errors import ExitCode, HotswapError
-from .record import Handover, State
+from ..config import Config
+from ..errors import ExitCode, HotswapError
+from ..protocol import fifo, record
+from ..protocol.record import Handover, State
+from ..system import files, memory, notify, procs, stats, uwsgilog
+from . import drift, probe
 
 KILL_TIMEOUT = 10.0
 

@@ -8,9 +8,9 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from . import files, procs
-from .config import Config
-from .errors import ExitCode, HotswapError
+from ..config import Config
+from ..errors import ExitCode, HotswapError
+from ..system import files, procs
 
 # `status` peeks at the lock for an instant; a reload that starts in that instant retries
 # briefly rather than being refused.

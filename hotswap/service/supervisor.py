@@ -21,9 +21,12 @@ import signal
 import subprocess
 import sys
 
-from . import instance, lock, procs, record
-from .config import Config, here
-from .errors import HotswapError
+from ..config import Config, here
+from ..errors import HotswapError
+from ..protocol import record
+from ..swap import lock
+from ..system import procs
+from . import instance
 
 PR_SET_CHILD_SUBREAPER = 36
 WAKE_SIGNALS = {signal.SIGCHLD, signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT}

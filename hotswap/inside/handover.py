@@ -1,6 +1,6 @@
 """The accepting hook: run by uWSGI in every worker of every generation before it accepts.
 
-srv.ini runs `python -m hotswap.handover ...` as `hook-accepting` through `safeexec:` (uWSGI
+srv.ini runs `python -m hotswap.inside.handover ...` as `hook-accepting` through `safeexec:` (uWSGI
 ignores its exit code: a failing hook would destroy the new generation while the old one may
 already be retiring). Its paths come as arguments (uWSGI expands them), so a hook costs one
 Python start and no `uwsgi --get`. Each worker's hook, in short:
@@ -45,8 +45,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import fifo, files, memory, notify, procs, record, uwsgilog
-from .record import Handover, State
+from ..protocol import fifo, record
+from ..protocol.record import Handover, State
+from ..system import files, memory, notify, procs, uwsgilog
 
 PAUSE_TIMEOUT = 2.0
 QUIET_SECONDS = 0.25
@@ -322,7 +323,7 @@ def _finish(paths: Paths, current: Handover) -> Handover:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="hotswap.handover")
+    parser = argparse.ArgumentParser(prog="hotswap.inside.handover")
     for name in ("--run-dir", "--fifo-standby", "--pidfile", "--log-file"):
         parser.add_argument(name, required=True, type=Path)
     args = parser.parse_args(argv)

@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from enum import Enum
 from pathlib import Path
 
-from . import procs
+from ..system import procs
 
 SETTLE_SECONDS = 0.5
 

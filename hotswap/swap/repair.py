@@ -14,10 +14,11 @@ import signal
 import time
 from dataclasses import dataclass, field
 
-from . import fifo, procs, uwsgilog
-from .errors import ExitCode, HotswapError
+from ..errors import ExitCode, HotswapError
+from ..protocol import fifo
+from ..protocol.record import Handover, State
+from ..system import procs, uwsgilog
 from .host import Host, Slot
-from .record import Handover, State
 
 ROLLBACK_TIMEOUT = 10.0
 # How long "p" may take to show in the log before we conclude it never reached the master.

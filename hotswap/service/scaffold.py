@@ -1,8 +1,8 @@
 """`hotswap init`: the kit's srv.ini and a systemd unit for an existing WSGI project.
 
-The generated srv.ini serves `module = hotswap.entry:application`, which imports the app
-named in `hotswap-app` and wraps it in the kit's middleware (hotswap/entry.py,
-hotswap/wsgi.py): the user's module is not edited, and there is no generated Python file
+The generated srv.ini serves `module = hotswap.inside.entry:application`, which imports the app
+named in `hotswap-app` and wraps it in the kit's middleware (hotswap/inside/entry.py,
+hotswap/inside/wsgi.py): the user's module is not edited, and there is no generated Python file
 to keep in step with the kit. The unit is deploy/hotswap.service rendered for the
 project's folder, its venv's `hotswap` and the service user.
 """
@@ -17,11 +17,11 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import files
-from .errors import ExitCode, HotswapError
-from .wsgi import DEFAULT_HEALTH_PATH, EntryError, parse_target
+from ..errors import ExitCode, HotswapError
+from ..inside.wsgi import DEFAULT_HEALTH_PATH, EntryError, parse_target
+from ..system import files
 
-UNIT_TEMPLATE = Path(__file__).resolve().parent.parent / "deploy" / "hotswap.service"
+UNIT_TEMPLATE = Path(__file__).resolve().parents[2] / "deploy" / "hotswap.service"
 INI_NAME = "srv.ini"
 UNIT_NAME = "hotswap.service"
 # folders systemd's PrivateTmp=/ProtectHome= hide from the service
@@ -65,9 +65,9 @@ hook-pre-app = safeexec:echo %(loading_oom_score_adj) > /proc/$PPID/oom_score_ad
 ; -- the app: imported once, in the master, before the workers fork (no lazy-apps) --
 chdir = %d
 pythonpath = %d
-; hotswap.entry imports hotswap-app ("module:callable", or "module:factory()") and wraps
+; hotswap.inside.entry imports hotswap-app ("module:callable", or "module:factory()") and wraps
 ; it in the kit's middleware: the health path, X-Generation / X-Master-Pid, smoke checks
-module = hotswap.entry:application
+module = hotswap.inside.entry:application
 hotswap-app = @APP@
 ; what `hotswap reload`, `status` and `probe` ask; the middleware answers it
 hotswap-health = @HEALTH@
@@ -104,7 +104,7 @@ procname-prefix-spaced = @NAME@
 
 
 # the same hook line as the repo's srv.ini
-HOOK = ("safeexec:$(HOTSWAP_PYTHON) -m hotswap.handover --run-dir %(run_dir) "
+HOOK = ("safeexec:$(HOTSWAP_PYTHON) -m hotswap.inside.handover --run-dir %(run_dir) "
         "--fifo-standby %(fifo_standby) --pidfile %(pidfile) --log-file %(logto)")
 
 

@@ -16,8 +16,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import files, procs
-from .config import Config, read_keys
+from ..config import Config, read_keys
+from ..system import files, procs
 
 # Keys a re-forked master inherits instead of applying (sockets are bound, the user is set
 # and the FIFOs are created once, by the first master).

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import lmdb
 
-from . import files, procs
+from ..system import files, procs
 
 FORMAT = "hotswap-store v1"
 META_DB = b"meta"
@@ -276,12 +276,12 @@ def annotate_workers(run_dir: str | os.PathLike, workers: list[dict]) -> list[di
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m hotswap.store validate PATH`: one JSON line (StoreInfo) on stdout, or one
+    """`python -m hotswap.protocol.store validate PATH`: one JSON line (StoreInfo) on stdout, or one
     error line on stderr and exit 1. `hotswap refresh` runs it in a child process, so a
     store bad enough to crash LMDB kills the child, not the CLI."""
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 2 or args[0] != "validate":
-        print("usage: python -m hotswap.store validate PATH", file=sys.stderr)
+        print("usage: python -m hotswap.protocol.store validate PATH", file=sys.stderr)
         return 2
     try:
         info = validate(args[1])

@@ -11,12 +11,14 @@ import signal
 import socket
 from pathlib import Path
 
-from . import drift, fifo, files, memory, probe, procs, record, stats, store
-from .config import Config
-from .errors import ExitCode, HotswapError
-from .host import RealHost
-from .lock import hold_instance_lock, holder, reload_lock
-from .repair import abort_generation, reattach_fifos, repair
+from ..config import Config
+from ..errors import ExitCode, HotswapError
+from ..protocol import fifo, record, store
+from ..swap import drift, probe
+from ..swap.host import RealHost
+from ..swap.lock import hold_instance_lock, holder, reload_lock
+from ..swap.repair import abort_generation, reattach_fifos, repair
+from ..system import files, memory, procs, stats
 
 
 def find_masters(cfg: Config):

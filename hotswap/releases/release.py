@@ -36,12 +36,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import files, probe, procs
-from .config import Config, find_uwsgi, load, uwsgi_get
-from .errors import ExitCode, HotswapError
-from .instance import find_masters
-from .lock import exclusive, reload_lock
-from .reload import Phase, ReloadResult, reload, write_last_reload
+from ..config import Config, find_uwsgi, load, uwsgi_get
+from ..errors import ExitCode, HotswapError
+from ..service.instance import find_masters
+from ..swap import probe
+from ..swap.lock import exclusive, reload_lock
+from ..swap.reload import Phase, ReloadResult, reload, write_last_reload
+from ..system import files, procs
 
 ENTRY_INI = "hotswap.ini"
 RELEASE_INI = "srv.ini"

@@ -42,12 +42,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 
-from . import files, memory, probe, stats, uwsgilog
-from .config import Config
-from .errors import ExitCode, HotswapError
+from ..config import Config
+from ..errors import ExitCode, HotswapError
+from ..protocol.record import PAUSE_STATES, Handover, State
+from ..system import files, memory, stats, uwsgilog
+from . import probe
 from .host import Host, RealHost, Slot
 from .lock import reload_lock
-from .record import PAUSE_STATES, Handover, State
 from .repair import abort_generation, finish_committed, repair, wait, wake
 
 # The serving generation's health path, asked before anything changes.

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from . import files
+from ..system import files
 
 RECORD_NAME = "handover.json"
 LOCK_NAME = "handover.lock"  # held for the few microseconds of a transition()

@@ -13,7 +13,7 @@ srv.py (store mode) creates one LiveStore at import, in the uWSGI master:
   only from it, so an answer is wholly from one version.
 
 After a switch the worker closes the old environment (munmap), writes its report
-(hotswap/store.py, WorkerReport) and serves the new version from the next request on.
+(hotswap/protocol/store.py, WorkerReport) and serves the new version from the next request on.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import lmdb
 
-from . import store
+from ..protocol import store
 
 # The uWSGI signal number the kit uses for a store switch (any free 0..255 would do).
 SWITCH_SIGNAL = 42

@@ -11,12 +11,17 @@ import re
 import subprocess
 from pathlib import Path
 
-from .config import Config, read_keys
-from .errors import ExitCode, HotswapError
+from ..config import Config, read_keys
+from ..errors import ExitCode, HotswapError
 
 MIN_UWSGI = (2, 0, 31)
 KEYS = ["need-app", "vacuum", "stats", "hook-accepting"]
 TRUE = {"1", "true", "yes", "on", "y", "t"}
+
+
+# the accepting hook's module; the second is its old path, still named by inis written
+# before the layout by role (hotswap/inside/handover.py keeps it working)
+HANDOVER_MODULES = ("hotswap.inside.handover", "hotswap.handover")
 
 
 def uwsgi_version(uwsgi: Path) -> tuple[int, ...] | None:
@@ -50,8 +55,9 @@ def problems(cfg: Config, version: tuple[int, ...] | None,
         found.append(f"{ini} has a TCP stats socket ({stats}): the re-forked master cannot "
                      "bind it while the old one holds it, and the swap fails (uwsgi#2364); "
                      "use a unix one, e.g. stats = %(run_dir)/stats.sock")
-    if "hotswap.handover" not in (values.get("hook-accepting") or ""):
-        found.append(f"{ini} has no hook-accepting running `python -m hotswap.handover`: "
+    hook = values.get("hook-accepting") or ""
+    if not any(module in hook for module in HANDOVER_MODULES):
+        found.append(f"{ini} has no hook-accepting running `python -m {HANDOVER_MODULES[0]}`: "
                      "a new generation would accept before its hand-over and the old master "
                      "would never be told to quit; copy it from an ini `hotswap init` writes")
     return found

@@ -37,8 +37,9 @@ from enum import Enum
 from pathlib import Path
 from typing import Protocol
 
-from . import lock, release
-from .config import Config
+from ..config import Config
+from ..swap import lock
+from . import release
 
 TARBALL = re.compile(r"\.(tar|tar\.gz|tgz|tar\.bz2|tar\.xz)$")
 HIDDEN = re.compile(r"^\.|\.tmp|\.part$|~$")
