@@ -52,7 +52,8 @@ class Config:
     stats_socket: Path
     http_socket: Path
     log_file: Path
-    health_path: str = DEFAULT_HEALTH_PATH  # what reload, status and probe GET (hotswap/inside/wsgi.py)
+    # what reload, status and probe GET (hotswap/inside/wsgi.py)
+    health_path: str = DEFAULT_HEALTH_PATH
 
     @property
     def lock_file(self) -> Path:

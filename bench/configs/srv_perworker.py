@@ -8,7 +8,8 @@ into its own heap after the fork, and reloads it itself.
                      `hotswap refresh` uses, but each worker parses the table itself
 
 Same routes and headers as srv.py (/healthz, /lookup). Each worker writes the kit's worker
-report (hotswap/protocol/store.py) after every load, so the bench can ask each worker what it serves.
+report (hotswap/protocol/store.py) after every load, so the bench can ask each worker what
+it serves.
 """
 
 from __future__ import annotations
