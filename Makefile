@@ -18,7 +18,7 @@ TERMS ?= 2000000
 PREFIX ?= /opt/hotswap
 UNIT_DIR ?= /etc/systemd/system
 
-.PHONY: run test venv deps-system lint bench bench-scale install-systemd release \
+.PHONY: run test venv dev deps-system lint bench bench-scale install-systemd release \
 	reload status stop recover clean fleet-demo
 
 $(RUN_STAMP): pyproject.toml
@@ -39,6 +39,10 @@ $(BENCH_STAMP): $(RUN_STAMP)
 	touch $@
 
 venv: $(RUN_STAMP)
+
+# everything beyond `make run`'s install: the test, fleet and bench extras (pytest, ruff,
+# ansible-core, matplotlib, gunicorn), for the docs' `.venv/bin/pytest …` lines and the bench
+dev: $(TEST_STAMP) $(BENCH_STAMP)
 
 $(RESOURCE): | $(RUN_STAMP)
 	$(BIN)/python scripts/gen_resource.py --terms $(TERMS) --version v1 -o $@

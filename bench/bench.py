@@ -475,8 +475,20 @@ def _interrupt(signum: int, _frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def missing_extras() -> list[str]:
+    """What the bench needs beyond `make run`'s install (the `bench` extra): say so before the
+    run, not after it (the plot is drawn last)."""
+    import importlib.util
+    return [name for name in ("matplotlib", "gunicorn") if importlib.util.find_spec(name) is None]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if missing := missing_extras():
+        print(f"bench: {', '.join(missing)} not installed (the bench extra): `make bench` "
+              "installs it, or `make dev` for everything the tests and the bench need",
+              file=sys.stderr)
+        return 2
     # SIGTERM (a timeout, a CI runner) unwinds like Ctrl-C: every mode's `finally` stops the
     # servers, load clients and nginx it started.
     signal.signal(signal.SIGTERM, _interrupt)

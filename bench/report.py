@@ -435,9 +435,25 @@ def plot(out: str, run: dict, rows: list[dict], path: str) -> None:
     plt.close(fig)
 
 
+class MissingRawData(Exception):
+    """The run's raw records are not here (they are not committed): a redraw would overwrite
+    the committed table and plot with an empty run."""
+
+
+def missing_records(out: str, run: dict) -> list[str]:
+    return [mode["records_file"] for mode in run.get("modes", [])
+            if mode.get("records_file")
+            and not os.path.exists(os.path.join(out, mode["records_file"]))]
+
+
 def render(out: str) -> str:
     with open(os.path.join(out, "results.json")) as handle:
         run = json.load(handle)
+    if missing := missing_records(out, run):
+        raise MissingRawData(f"{len(missing)} raw record file(s) missing under {out} "
+                             f"(first: {missing[0]}); raw data is not committed, so only the "
+                             "machine that ran the bench can redraw it: `make bench` makes a "
+                             "new run. Nothing was written.")
     rows = compute(out, run)
     table = markdown(run, rows)
     with open(os.path.join(out, "results.md"), "w") as handle:
@@ -453,7 +469,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=os.path.join(os.path.dirname(
         os.path.abspath(__file__)), "results"))
     args = parser.parse_args(argv)
-    print(render(args.out))
+    try:
+        print(render(args.out))
+    except (MissingRawData, OSError) as exc:
+        print(f"bench.report: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from . import config
+from . import __version__, config
 from .config import here
 from .errors import MEANING, ExitCode, HotswapError
 from .releases import refresh as data_refresh
@@ -76,7 +76,7 @@ pass_context = click.make_pass_decorator(Context)
     "--ini", envvar="HOTSWAP_INI", default="srv.ini", show_default=True,
     help="uWSGI config that names every path (env HOTSWAP_INI).",
 )
-@click.version_option(package_name="hotswap")
+@click.version_option(version=__version__, prog_name="hotswap")
 @click.pass_context
 def main(ctx: click.Context, ini: str) -> None:
     """Zero-downtime release swaps for a uWSGI service (master re-fork)."""

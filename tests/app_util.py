@@ -7,11 +7,15 @@ so the default generation (a digest of the sources, hotswap/inside/wsgi.py) chan
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 from conftest import Service
+
+from bench.loadgen import LoadGenerator, summarize
+from hotswap.system import procs
 
 PLAIN_APP = '''\
 """A plain WSGI function: its table loads at import, in the uWSGI master."""
@@ -68,8 +72,10 @@ class InitProject(Service):
     """A project holding one app; srv.ini and the unit come from `hotswap init` only."""
 
     def __init__(self, root: Path, source: str, module_path: str, app: str,
-                 paths: tuple[str, ...], health_path: str = "/healthz") -> None:
+                 paths: tuple[str, ...], health_path: str = "/healthz",
+                 python: str = sys.executable) -> None:
         super().__init__(root, sample=False)
+        self.python = python
         self.health_path = health_path
         self.source = source
         self.module_file = root / module_path
@@ -80,7 +86,7 @@ class InitProject(Service):
         assert done.returncode == 0, done.stderr
 
     def init(self, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "hotswap", "init", "--dir",
+        return subprocess.run([self.python, "-m", "hotswap", "init", "--dir",
                                str(self.root), *args],
                               capture_output=True, text=True, timeout=60, cwd=self.root)
 
@@ -92,9 +98,10 @@ class InitProject(Service):
         tmp.replace(self.module_file)
 
 
-def plain_project(root: Path) -> InitProject:
+def plain_project(root: Path, python: str = sys.executable) -> InitProject:
     paths = ("/healthz", *(f"/item?k=k{i}" for i in range(40)))
-    return InitProject(root, PLAIN_APP, "plainapp.py", "plainapp:application", paths)
+    return InitProject(root, PLAIN_APP, "plainapp.py", "plainapp:application", paths,
+                       python=python)
 
 
 def flask_project(root: Path) -> InitProject:
@@ -102,3 +109,35 @@ def flask_project(root: Path) -> InitProject:
     paths = ("/-/ready", *(f"/price/p{i}" for i in range(40)))
     return InitProject(root, FLASK_APP, "shop/__init__.py", "shop:create_app()", paths,
                        health_path="/-/ready")
+
+
+CONNECTIONS = 32  # the zero-downtime test's clients
+
+
+def reload_json(project: InitProject) -> tuple[int, dict, str]:
+    done = project.cli("reload", "--json")
+    result = json.loads(done.stdout)
+    if result.get("new_master"):
+        project.seen_masters.add(result["new_master"])
+    return done.returncode, result, done.stderr
+
+
+def swaps_under_load(project: InitProject, reloads: int) -> None:
+    """The zero-downtime test: `reloads` new releases under 32 connections, 0 failed."""
+    health = project.health()
+    load = LoadGenerator(str(project.socket), CONNECTIONS, project.paths,
+                         max_seconds=max(240, 10 * reloads))
+    with load:
+        for n in range(2, reloads + 2):
+            project.release_app(f"r{n}")
+            code, result, stderr = reload_json(project)
+            assert code == 0, (result, stderr)
+            after = project.health()
+            assert after["generation"] == result["new_generation"] != health["generation"]
+            assert after["master_pid"] == result["new_master"] != health["master_pid"]
+            assert not procs.alive(health["master_pid"]), "old master left running"
+            health = after
+    summary = summarize(load.records)
+    assert summary["requests"] > 200, summary
+    assert summary["failed"] == 0, summary
+    assert len(summary["generations"]) == reloads + 1, summary

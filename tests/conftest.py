@@ -63,6 +63,7 @@ class Service:
         self.seen_masters: set[int] = set()
         self.background: list[subprocess.Popen] = []  # CLI runs a test left going
         self.health_path = "/healthz"  # srv.ini's hotswap-health
+        self.python = sys.executable  # the Python whose hotswap runs (a wheel's venv: test_package)
         if sample:
             self.release(version="v1")
 
@@ -120,7 +121,7 @@ class Service:
     def cli(self, *args: str, timeout: float = 180.0, env: dict | None = None):
         """Run `hotswap --ini ... ARGS` to completion; returns CompletedProcess."""
         return subprocess.run(
-            [sys.executable, "-m", "hotswap", "--ini", str(self.ini), *args],
+            [self.python, "-m", "hotswap", "--ini", str(self.ini), *args],
             capture_output=True, text=True, timeout=timeout, cwd=self.root,
             env=dict(os.environ, **(env or {})),
         )
@@ -128,7 +129,7 @@ class Service:
     def cli_background(self, *args: str) -> subprocess.Popen:
         # Unbuffered: a test acts on each phase line as the CLI prints it.
         process = subprocess.Popen(
-            [sys.executable, "-m", "hotswap", "--ini", str(self.ini), *args],
+            [self.python, "-m", "hotswap", "--ini", str(self.ini), *args],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=self.root,
             env=dict(os.environ, PYTHONUNBUFFERED="1"),
         )
@@ -155,7 +156,7 @@ class Service:
         if test_routes:
             env["SRV_TEST_ROUTES"] = "1"
         self.supervisor = subprocess.Popen(
-            [sys.executable, "-m", "hotswap", "--ini", str(self.ini), "start", "--supervise"],
+            [self.python, "-m", "hotswap", "--ini", str(self.ini), "start", "--supervise"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=self.root,
             env=env, start_new_session=True,
         )

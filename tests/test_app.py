@@ -12,15 +12,20 @@ import time
 from pathlib import Path
 
 import pytest
-from app_util import InitProject, flask_project, plain_project
+from app_util import (
+    CONNECTIONS,
+    InitProject,
+    flask_project,
+    plain_project,
+    reload_json,
+    swaps_under_load,
+)
 
 from bench.loadgen import LoadGenerator, summarize
 from hotswap import config
 from hotswap.inside import wsgi
 from hotswap.service import checks
-from hotswap.system import procs
 
-CONNECTIONS = 32
 # more for a soak: HOTSWAP_APP_RELOADS=50 pytest tests/test_app.py -k plain
 RELOADS = int(os.environ.get("HOTSWAP_APP_RELOADS", "5"))
 
@@ -33,35 +38,6 @@ def plain(tmp_path_factory):
         yield project
     finally:
         project.teardown()
-
-
-def reload_json(project: InitProject) -> tuple[int, dict, str]:
-    done = project.cli("reload", "--json")
-    result = json.loads(done.stdout)
-    if result.get("new_master"):
-        project.seen_masters.add(result["new_master"])
-    return done.returncode, result, done.stderr
-
-
-def swaps_under_load(project: InitProject, reloads: int) -> None:
-    """The zero-downtime test: `reloads` new releases under 32 connections, 0 failed."""
-    health = project.health()
-    load = LoadGenerator(str(project.socket), CONNECTIONS, project.paths,
-                         max_seconds=max(240, 10 * reloads))
-    with load:
-        for n in range(2, reloads + 2):
-            project.release_app(f"r{n}")
-            code, result, stderr = reload_json(project)
-            assert code == 0, (result, stderr)
-            after = project.health()
-            assert after["generation"] == result["new_generation"] != health["generation"]
-            assert after["master_pid"] == result["new_master"] != health["master_pid"]
-            assert not procs.alive(health["master_pid"]), "old master left running"
-            health = after
-    summary = summarize(load.records)
-    assert summary["requests"] > 200, summary
-    assert summary["failed"] == 0, summary
-    assert len(summary["generations"]) == reloads + 1, summary
 
 
 @pytest.mark.slow

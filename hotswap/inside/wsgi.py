@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote
 
+from .. import __version__
 from ..system import uwsgilog
 
 # srv.ini keys the kit reads (uWSGI keeps unknown keys as placeholders; `uwsgi.opt` and
@@ -190,7 +191,7 @@ class Middleware:
         generation); 503 with the error if the app's readiness check raises."""
         document = {"status": "ok", "master_pid": master_pid(), "worker_pid": os.getpid(),
                     "generation": self.generation(), "loaded_at": self.loaded_at,
-                    "load_seconds": self.load_seconds}
+                    "load_seconds": self.load_seconds, "kit_version": __version__}
         if release := release_id():
             document["release"] = release
         if self.health is None:

@@ -3,7 +3,7 @@
 The generated srv.ini serves `module = hotswap.inside.entry:application`, which imports the app
 named in `hotswap-app` and wraps it in the kit's middleware (hotswap/inside/entry.py,
 hotswap/inside/wsgi.py): the user's module is not edited, and there is no generated Python file
-to keep in step with the kit. The unit is deploy/hotswap.service rendered for the
+to keep in step with the kit. The unit is hotswap/templates/hotswap.service rendered for the
 project's folder, its venv's `hotswap` and the service user.
 """
 
@@ -21,7 +21,9 @@ from ..errors import ExitCode, HotswapError
 from ..inside.wsgi import DEFAULT_HEALTH_PATH, EntryError, parse_target
 from ..system import files
 
-UNIT_TEMPLATE = Path(__file__).resolve().parents[2] / "deploy" / "hotswap.service"
+# package data (pyproject.toml), so a wheel or a plain `pip install` has it too;
+# deploy/hotswap.service is a link to it for install-systemd.sh
+UNIT_TEMPLATE = Path(__file__).resolve().parents[1] / "templates" / "hotswap.service"
 INI_NAME = "srv.ini"
 UNIT_NAME = "hotswap.service"
 # folders systemd's PrivateTmp=/ProtectHome= hide from the service
