@@ -18,7 +18,7 @@ TERMS ?= 2000000
 PREFIX ?= /opt/hotswap
 UNIT_DIR ?= /etc/systemd/system
 
-.PHONY: run test venv dev deps-system lint bench bench-scale install-systemd release \
+.PHONY: run test venv dev made-with deps-system lint bench bench-scale install-systemd release \
 	reload status stop recover clean fleet-demo
 
 $(RUN_STAMP): pyproject.toml
@@ -28,6 +28,7 @@ $(RUN_STAMP): pyproject.toml
 	# uWSGI compiles from PyPI once (about a minute); the wheel is kept for installs
 	$(BIN)/pip wheel --quiet --find-links $(WHEELS) --wheel-dir $(WHEELS) 'uWSGI>=2.0.31,<2.1'
 	$(PIP_INSTALL) -e .
+	echo $(PYTHON) > $(VENV)/.python
 	touch $@
 
 $(TEST_STAMP): $(RUN_STAMP)
@@ -46,6 +47,15 @@ dev: $(TEST_STAMP) $(BENCH_STAMP)
 
 $(RESOURCE): | $(RUN_STAMP)
 	$(BIN)/python scripts/gen_resource.py --terms $(TERMS) --version v1 -o $@
+	echo $(TERMS) > data/.terms
+
+# TERMS= and PYTHON= act only when data/ or .venv is made: say so when one would be ignored
+# (a warning, not a failure: what exists still serves)
+made-with:
+	@if [ "$(origin TERMS)" != file ] && [ -f data/.terms ] && [ "$$(cat data/.terms)" != "$(TERMS)" ]; then \
+		echo "make: TERMS=$(TERMS) ignored: data/ was made with $$(cat data/.terms) terms (rm -r data to remake it)" >&2; fi
+	@if [ "$(origin PYTHON)" != file ] && [ -f $(VENV)/.python ] && [ "$$(cat $(VENV)/.python)" != "$(PYTHON)" ]; then \
+		echo "make: PYTHON=$(PYTHON) ignored: $(VENV) was made with $$(cat $(VENV)/.python) (rm -r $(VENV) to remake it)" >&2; fi
 
 deps-system:
 	bash scripts/install-system-deps.sh
@@ -53,7 +63,7 @@ deps-system:
 $(STORE): $(RESOURCE) | $(RUN_STAMP)
 	$(BIN)/python scripts/build_store.py $(RESOURCE) -o data/store --point --if-missing
 
-run: $(RUN_STAMP) $(RESOURCE) $(STORE)
+run: made-with $(RUN_STAMP) $(RESOURCE) $(STORE)
 	$(BIN)/hotswap --ini srv.ini start
 
 # A new data release for the running instance to reload: `make release VERSION=v2`
