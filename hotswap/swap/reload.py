@@ -45,7 +45,7 @@ from enum import Enum
 from ..config import Config
 from ..errors import ExitCode, HotswapError
 from ..protocol.record import PAUSE_STATES, Handover, State
-from ..system import files, memory, stats, uwsgilog
+from ..system import early, files, memory, stats, uwsgilog
 from . import probe
 from .host import Host, RealHost, Slot
 from .lock import reload_lock
@@ -507,6 +507,8 @@ def reload(cfg: Config, timeout: float, drain_timeout: float,
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, lambda sig, _frame: machine.interrupt(signal.Signals(sig).name))
+        for name in early.take():  # landed while the CLI imported: before anything changed
+            machine.interrupt(name)
     if lock_held:
         return machine.run()
     with reload_lock(cfg, "start another"):

@@ -1,0 +1,148 @@
+"""The chaos soak (bench/chaos.py, issue 20): its attribution logic on made-up records, a
+short seeded soak against a real instance, and the losses it found, each landed at its
+moment deterministically."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+from conftest import Service
+
+from bench import chaos
+from hotswap.system import procs
+
+
+# -- the attribution, on records made up for it ------------------------------------------------
+def swap(index: int, started: float, ended: float, fault: str | None = None,
+         at: float | None = None) -> chaos.Swap:
+    item = chaos.Swap(index, fault, f"s{index}", started, ended=ended, reload_ended=ended - 1,
+                      phases=[(started + 0.1, "preflight"), (started + 0.5, "loading"),
+                              (started + 2.0, "retiring")])
+    item.landed = {"fault": fault, "at": at} if fault else None
+    return item
+
+
+def record(started: float, latency: float = 0.01, outcome: str = "reset") -> dict:
+    return {"started": started, "latency": latency, "outcome": outcome, "master_pid": 0,
+            "generation": ""}
+
+
+def test_failed_requests_are_attributed_to_their_swap_fault_and_moment():
+    swaps = [swap(1, 100.0, 105.0), swap(2, 110.0, 116.0, "cli SIGKILL", at=111.0),
+             swap(3, 120.0, 126.0, "old worker SIGKILL", at=121.0)]
+    records = [record(100.2, outcome="ok"), record(102.5), record(111.3, 0.02, "timeout"),
+               record(120.9, 0.2), record(123.0), record(108.0), record(115.5)]
+    failed = chaos.attribute(records, swaps)
+    assert [(f.swap, f.fault, f.phase, f.killed_by_fault) for f in failed] == [
+        (1, None, "retiring", False),
+        (2, "cli SIGKILL", "loading", False),
+        (3, "old worker SIGKILL", "loading", True),  # in flight in the worker it killed
+        (3, "old worker SIGKILL", "retiring", False),  # after the kill: the kit's loss
+        (None, None, "", False),  # between two swaps
+        (2, "cli SIGKILL", "follow-up", False),
+    ]
+    assert failed[1].offset == pytest.approx(0.32)
+    result = chaos.summary(swaps, failed, len(records))
+    assert (result["lost"], result["killed_by_fault"]) == (5, 1)
+    assert result["outside_swaps"]["lost"] == 1
+    assert result["classes"]["old worker SIGKILL"]["killed_by_fault"] == 1
+    assert "6 failed" not in chaos.table(result) and "5 lost" in chaos.table(result)
+
+
+def test_the_plan_is_seeded_and_faults_about_the_fraction_asked():
+    plan = chaos.draw(7, 200, 0.5)
+    assert plan == chaos.draw(7, 200, 0.5)
+    assert plan != chaos.draw(8, 200, 0.5)
+    faulted = [p for p in plan if p.fault]
+    assert 70 < len(faulted) < 130
+    assert {p.fault for p in faulted} == set(chaos.FAULTS)
+    assert all(0 <= p.delay(3.0) <= 3.0 for p in plan)
+
+
+@pytest.mark.parametrize(("code", "serving", "problem"), [
+    (0, "s2+ab", None), (1, "s1+ab", None), (5, "s1+ab", None),
+    (0, "s1+ab", "exit 0 but s1+ab serves"),
+    (1, "s2+ab", "exit 1 but the new release"),
+    (-2, "s1+ab", "died of its signal"),
+    (0, "", "no generation answered"),
+])
+def test_an_exit_code_must_be_true_to_what_serves(code, serving, problem):
+    item = chaos.Swap(2, "cli SIGINT", "s2", 0.0, code=code, serving=serving)
+    chaos.check(item, "s2+")
+    assert (problem is None) == (not item.problems), item.problems
+    if problem:
+        assert problem in item.problems[0]
+
+
+# -- against a real instance -----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def running(tmp_path_factory):
+    service = Service(tmp_path_factory.mktemp("chaos"))
+    try:
+        service.start()
+        yield service
+    finally:
+        service.teardown()
+
+
+# The CLI, stopped by itself the moment it first imports click (well inside its own imports,
+# before any handler of the reload's): the test lands its signal there, then continues it.
+STOP_AT_CLICK = """
+import os, runpy, signal, sys
+class StopAtClick:
+    def find_spec(self, name, path=None, target=None):
+        if name == "click":
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.SIGSTOP)
+        return None
+sys.meta_path.insert(0, StopAtClick())
+sys.argv[0] = "hotswap"
+runpy.run_module("hotswap", run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_the_cli_imports_ends_it_like_a_later_one(running: Service, signum):
+    """Found by the soak: a reload signalled while it still imported died of the signal
+    (exit -2 or -15) with no message; now it ends as one landing a moment later does."""
+    master = running.health()["master_pid"]
+    process = subprocess.Popen([sys.executable, "-c", STOP_AT_CLICK, "--ini", str(running.ini),
+                                "reload"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, cwd=running.root)
+    running.background.append(process)
+    stopped = procs.wait_until(lambda: (info := procs.stat(process.pid)) is None
+                               or info.state == "T", 60, interval=0.005)
+    assert stopped and process.poll() is None, "the CLI never reached its import of click"
+    os.kill(process.pid, signum)
+    os.kill(process.pid, signal.SIGCONT)
+    _, err = process.communicate(timeout=120)
+    name = signal.Signals(signum).name
+    assert process.returncode == 1, err
+    first = err.splitlines()[0]
+    assert first.startswith("hotswap: reload FAILED after "), err
+    assert first.endswith(f": interrupted by {name} before anything changed"), err
+    assert running.health()["master_pid"] == master
+
+
+@pytest.mark.slow
+def test_a_short_seeded_soak_loses_nothing(tmp_path):
+    """A few swaps of the soak, each with a fault drawn from those that finish on their own
+    (`make chaos` runs the long one)."""
+    args = argparse.Namespace(connections=16, keep=False, out=str(tmp_path))
+    plan = [chaos.Planned(1, "cli SIGKILL", 0.5), chaos.Planned(2, "hook SIGKILL", 0.0),
+            chaos.Planned(3, "cli SIGTERM", 0.3), chaos.Planned(4, "new master SIGKILL", 0.2),
+            chaos.Planned(5, "old worker SIGKILL", 0.4)]
+    soak = chaos.Soak(args, plan)
+    soak.run()
+    failed = chaos.attribute(soak.records, soak.swaps)
+    result = chaos.summary(soak.swaps, failed, len(soak.records))
+    report = chaos.table(result) + "".join(f"\n{s.index}: {s.problems}" for s in soak.swaps)
+    assert result["requests"] > 100, report
+    assert result["lost"] == 0, (report, [f for f in failed if not f.killed_by_fault])
+    assert result["swaps_with_problems"] == 0, report
+    assert all(s.follow_code == 0 for s in soak.swaps), report
