@@ -197,6 +197,11 @@ class Soak:
         cli = instance.reload(*RELOAD_ARGS)
         landed = land(planned.fault, planned.delay(self.swap_seconds), cli, instance,
                       before.get("master_pid", 0)) if planned.fault else None
+        retry = None
+        if landed and landed.at and planned.fault in SIGKILLED_CLI:
+            # an operator's (or systemd's) retry at once, while the kernel still tears the
+            # killed CLI down
+            retry = instance.reload(*RELOAD_ARGS)
         run = cli.finish(CLI_BUDGET)
         swap.reload_ended = run.ended or time.time()
         if not planned.fault and run.code == 0:
@@ -208,7 +213,7 @@ class Soak:
         answer = instance.answers_within()
         swap.serving = (answer or {}).get("generation", "")
         if planned.fault:
-            follow = instance.reload(*RELOAD_ARGS).finish(CLI_BUDGET)
+            follow = (retry or instance.reload(*RELOAD_ARGS)).finish(CLI_BUDGET)
             swap.follow_code = follow.code
             swap.follow_message = follow.first_error
             answer = instance.answers_within()

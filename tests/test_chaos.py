@@ -5,15 +5,20 @@ moment deterministically."""
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
 import signal
 import subprocess
 import sys
+import threading
+from types import SimpleNamespace
 
 import pytest
 from conftest import Service
 
 from bench import chaos
+from hotswap.errors import ExitCode, HotswapError
+from hotswap.swap import lock
 from hotswap.system import procs
 
 
@@ -146,3 +151,35 @@ def test_a_short_seeded_soak_loses_nothing(tmp_path):
     assert result["lost"] == 0, (report, [f for f in failed if not f.killed_by_fault])
     assert result["swaps_with_problems"] == 0, report
     assert all(s.follow_code == 0 for s in soak.swaps), report
+
+
+def _hold_lock(path, pid: int):
+    """The reload lock held by this process, with `pid` recorded as its holder."""
+    handle = open(path, "a+")  # noqa: SIM115 - released by the caller
+    fcntl.flock(handle, fcntl.LOCK_EX)
+    handle.truncate(0)
+    handle.write(str(pid))
+    handle.flush()
+    return handle
+
+
+def test_a_lock_whose_holder_is_gone_is_taken_over_once_the_kernel_frees_it(tmp_path):
+    """Found by the soak: right after a SIGKILLed reload, a retry was refused "busy" (exit 4)
+    while the kernel still tore the killed holder down. A holder pid that is gone or exiting
+    is waited for (the lock frees when its exit completes); a live one is refused at once."""
+    cfg = SimpleNamespace(run_dir=tmp_path, lock_file=tmp_path / "reload.lock")
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    handle = _hold_lock(cfg.lock_file, int(gone.stdout))
+    timer = threading.Timer(1.0, handle.close)  # its exit completes: the kernel frees it
+    timer.start()
+    with lock.reload_lock(cfg, "start another"):
+        assert cfg.lock_file.read_text() == str(os.getpid())
+    timer.join()
+    handle = _hold_lock(cfg.lock_file, os.getpid())  # a live holder: refused as before
+    try:
+        with pytest.raises(HotswapError) as refused, lock.reload_lock(cfg, "start another"):
+            pass
+        assert refused.value.code == ExitCode.BUSY
+    finally:
+        handle.close()
