@@ -168,10 +168,15 @@ class Soak:
         self.swap_seconds = FIRST_SWAP_SECONDS  # the last unfaulted reload's length
 
     def run(self) -> None:
+        began = time.time()
         self.instance.start()
         load, since, segment = self._load(0), time.time(), 0
         try:
             for planned in self.plan:
+                if self.args.minutes and time.time() - began > self.args.minutes * 60:
+                    print(f"chaos: --minutes {self.args.minutes:g} spent: stopped before swap "
+                          f"{planned.index}", flush=True)
+                    break
                 if time.time() - since > SEGMENT_SECONDS:
                     self.records.extend(load.stop())
                     segment += 1
@@ -286,6 +291,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=1, help="the same seed replays the run")
     parser.add_argument("--faults", nargs="+", choices=sorted(FAULTS), metavar="FAULT",
                         help=f"draw only from these (default all: {', '.join(sorted(FAULTS))})")
+    parser.add_argument("--minutes", type=float, help="start no swap past this many minutes "
+                        "(a soak on a shared machine: report the swaps it could run)")
     parser.add_argument("--out", help="folder for chaos.json and the raw load records")
     parser.add_argument("--keep", action="store_true", help="keep the instance's folder")
     return parser.parse_args(argv)

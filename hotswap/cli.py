@@ -147,6 +147,7 @@ def reload_cmd(ctx: Context, timeout: float, drain_timeout: float, force: bool,
 
     result = reload(ctx.cfg, timeout, drain_timeout, show, force=force,
                     memory_margin=memory_margin)
+    early.settled()  # what is printed below is what happened, whatever signal lands now
     try:
         write_last_reload(ctx.cfg, result)
     except OSError as exc:  # a full run dir must not hide the outcome behind exit 2

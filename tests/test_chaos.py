@@ -95,20 +95,42 @@ def running(tmp_path_factory):
         service.teardown()
 
 
-# The CLI, stopped by itself the moment it first imports click (well inside its own imports,
-# before any handler of the reload's): the test lands its signal there, then continues it.
-STOP_AT_CLICK = """
-import os, runpy, signal, sys
+# The CLI, stopped by itself at a given moment: the first import of click (well inside its
+# own imports, before any handler of the reload's), or its exit (its outcome printed). The
+# test lands its signal there, then continues it.
+STOP_AT = """
+import atexit, os, runpy, signal, sys
+def stop():
+    os.kill(os.getpid(), signal.SIGSTOP)
 class StopAtClick:
     def find_spec(self, name, path=None, target=None):
         if name == "click":
             sys.meta_path.remove(self)
-            os.kill(os.getpid(), signal.SIGSTOP)
+            stop()
         return None
-sys.meta_path.insert(0, StopAtClick())
-sys.argv[0] = "hotswap"
+if sys.argv[1] == "click":
+    sys.meta_path.insert(0, StopAtClick())
+else:
+    atexit.register(stop)
+sys.argv[0:2] = ["hotswap"]
 runpy.run_module("hotswap", run_name="__main__", alter_sys=True)
 """
+
+
+def stopped_cli(service: Service, moment: str, *args: str) -> subprocess.Popen:
+    process = subprocess.Popen([sys.executable, "-c", STOP_AT, moment, "--ini",
+                                str(service.ini), *args], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, cwd=service.root)
+    service.background.append(process)
+    stopped = procs.wait_until(lambda: (info := procs.stat(process.pid)) is None
+                               or info.state == "T", 120, interval=0.005)
+    assert stopped and process.poll() is None, f"the CLI never stopped at {moment}"
+    return process
+
+
+def signal_mask(pid: int, field: str) -> int:
+    with open(f"/proc/{pid}/status") as handle:
+        return int(next(line for line in handle if line.startswith(field)).split()[1], 16)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
@@ -116,13 +138,7 @@ def test_a_signal_while_the_cli_imports_ends_it_like_a_later_one(running: Servic
     """Found by the soak: a reload signalled while it still imported died of the signal
     (exit -2 or -15) with no message; now it ends as one landing a moment later does."""
     master = running.health()["master_pid"]
-    process = subprocess.Popen([sys.executable, "-c", STOP_AT_CLICK, "--ini", str(running.ini),
-                                "reload"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, cwd=running.root)
-    running.background.append(process)
-    stopped = procs.wait_until(lambda: (info := procs.stat(process.pid)) is None
-                               or info.state == "T", 60, interval=0.005)
-    assert stopped and process.poll() is None, "the CLI never reached its import of click"
+    process = stopped_cli(running, "click", "reload")
     os.kill(process.pid, signum)
     os.kill(process.pid, signal.SIGCONT)
     _, err = process.communicate(timeout=120)
@@ -134,11 +150,30 @@ def test_a_signal_while_the_cli_imports_ends_it_like_a_later_one(running: Servic
     assert running.health()["master_pid"] == master
 
 
+def test_a_signal_as_the_cli_exits_leaves_its_exit_code_alone(running: Service):
+    """Found by the soak: a SIGINT landing as a reload that had served the new release was
+    exiting ended it with -2 (Python restores default handlers as it shuts down). Stopped
+    at its exit, the CLI ignores SIGINT and SIGTERM, and exits 0 once continued."""
+    master = running.health()["master_pid"]
+    process = stopped_cli(running, "exit", "reload")
+    ignored = signal_mask(process.pid, "SigIgn:")
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        assert ignored & (1 << (signum - 1)), f"{signum} not ignored: {ignored:x}"
+    os.kill(process.pid, signal.SIGINT)
+    os.kill(process.pid, signal.SIGCONT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 0, out + err
+    assert "reload ok" in out
+    new = running.health()["master_pid"]
+    running.seen_masters.add(new)
+    assert new != master
+
+
 @pytest.mark.slow
 def test_a_short_seeded_soak_loses_nothing(tmp_path):
     """A few swaps of the soak, each with a fault drawn from those that finish on their own
     (`make chaos` runs the long one)."""
-    args = argparse.Namespace(connections=16, keep=False, out=str(tmp_path))
+    args = argparse.Namespace(connections=16, keep=False, out=str(tmp_path), minutes=None)
     plan = [chaos.Planned(1, "cli SIGKILL", 0.5), chaos.Planned(2, "hook SIGKILL", 0.0),
             chaos.Planned(3, "cli SIGTERM", 0.3), chaos.Planned(4, "new master SIGKILL", 0.2),
             chaos.Planned(5, "old worker SIGKILL", 0.4)]

@@ -39,3 +39,12 @@ def replay() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     for name in take():
         os.kill(os.getpid(), signal.Signals[name])
+
+
+def settled() -> None:
+    """The command's outcome is decided (and about to be printed): a signal from now on must
+    not change it. Ignored, because Python restores the default action of every signal it
+    handled while it shuts down, and a SIGINT landing then would end a reload that served
+    the new release with -2 and no message; an ignored signal stays ignored."""
+    for signum in SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
