@@ -42,11 +42,13 @@ from bench.chaos_rig import FAULTS, KILLS_REQUESTS, Instance, land
 # the CLI and an old worker, of the last unfaulted reload's length from the reload's start
 # (the machine's load sets it: a fixed span would miss the end of every swap, or most of
 # them); for the new master, of its import (about a second) from its fork; for the hook,
-# of its hand-over (milliseconds) from its first record.
-MOMENT_SPAN = {"new master": 1.5, "hook": 0.05}
+# of its hand-over (milliseconds) from its first record; for a new worker, of a second
+# from the commit.
+MOMENT_SPAN = {"new master": 1.5, "hook": 0.05, "new worker": 1.0}
 FIRST_SWAP_SECONDS = 3.0
 SEGMENT_SECONDS = 600.0  # the load client is restarted between swaps past this (its cap: 900)
 RELOAD_ARGS = ("--timeout", "60", "--drain", "30")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLI_BUDGET = 180.0
 SIGKILLED_CLI = {"cli SIGKILL"}  # the one fault a CLI cannot answer: it dies of it
 

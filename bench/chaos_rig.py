@@ -200,20 +200,24 @@ class Instance:
 
 # -- faults -----------------------------------------------------------------------------------
 # Each fault is (target, signal). Targets: the reload CLI; the accepting hook that performs
-# the hand-over; the new master while it loads; a worker of the old generation (its
-# in-flight request dies with it: counted as killed by the fault, not lost by the kit).
+# the hand-over; the new master while it loads; a worker of the old generation, or of the
+# new one once it serves (its in-flight request dies with it: counted as killed by the
+# fault, not lost by the kit). A SIGSTOP is followed by SIGCONT STOP_SECONDS later.
 FAULTS = {
     "cli SIGTERM": ("cli", signal.SIGTERM),
     "cli SIGINT": ("cli", signal.SIGINT),
     "cli SIGKILL": ("cli", signal.SIGKILL),
     "cli SIGSTOP": ("cli", signal.SIGSTOP),
     "hook SIGKILL": ("hook", signal.SIGKILL),
+    "hook SIGSTOP": ("hook", signal.SIGSTOP),
     "new master SIGKILL": ("new master", signal.SIGKILL),
+    "new master SIGSTOP": ("new master", signal.SIGSTOP),
     "old worker SIGKILL": ("old worker", signal.SIGKILL),
+    "new worker SIGKILL": ("new worker", signal.SIGKILL),
 }
 # Faults whose target may be inside a request when it dies: a request in flight at that
 # moment is the fault's, not a loss of the kit's.
-KILLS_REQUESTS = {"old worker SIGKILL"}
+KILLS_REQUESTS = {"old worker SIGKILL", "new worker SIGKILL"}
 STOP_SECONDS = 2.0  # a SIGSTOPped CLI is continued this long after
 
 
@@ -229,7 +233,7 @@ class Landed:
 
 
 def land(fault: str, delay: float, cli: Cli, instance: Instance, old_master: int,
-         budget: float = 30.0) -> Landed:
+         budget: float = 60.0) -> Landed:
     """Wait `delay` seconds into the reload (measured from the target's appearance for a
     hook or new master), then send the fault's signal to its target."""
     target, sig = FAULTS[fault]
@@ -268,6 +272,12 @@ def _target_pid(target: str, instance: Instance, old_master: int, cli: Cli) -> i
         reforked = procs.session_leaders_below(old_master)
         return reforked[0] if reforked else None
     record = instance.handover()  # the hook: the performer of the new master's hand-over
+    if target == "new worker":  # one of the new generation's, once it serves
+        if record.get("master_pid") not in (None, old_master) and record.get("state") in (
+                "committed", "retire-sent", "done"):
+            workers = procs.children(record["master_pid"])
+            return workers[0] if workers else None
+        return None
     if record.get("master_pid") not in (None, old_master) and record.get("performer_pid") \
             and record.get("state") not in ("committed", "retire-sent", "done", "aborted"):
         return record["performer_pid"]

@@ -4,8 +4,8 @@ moment deterministically."""
 
 from __future__ import annotations
 
-import argparse
 import fcntl
+import json
 import os
 import signal
 import subprocess
@@ -169,23 +169,27 @@ def test_a_signal_as_the_cli_exits_leaves_its_exit_code_alone(running: Service):
     assert new != master
 
 
+SHORT_SOAK = ["--swaps", "5", "--connections", "16", "--fault-fraction", "1", "--seed", "5",
+              "--faults", "cli SIGKILL", "cli SIGTERM", "hook SIGKILL", "new master SIGKILL",
+              "old worker SIGKILL"]  # seed 5: each of these once
+
+
 @pytest.mark.slow
 def test_a_short_seeded_soak_loses_nothing(tmp_path):
-    """A few swaps of the soak, each with a fault drawn from those that finish on their own
-    (`make chaos` runs the long one)."""
-    args = argparse.Namespace(connections=16, keep=False, out=str(tmp_path), minutes=None)
-    plan = [chaos.Planned(1, "cli SIGKILL", 0.5), chaos.Planned(2, "hook SIGKILL", 0.0),
-            chaos.Planned(3, "cli SIGTERM", 0.3), chaos.Planned(4, "new master SIGKILL", 0.2),
-            chaos.Planned(5, "old worker SIGKILL", 0.4)]
-    soak = chaos.Soak(args, plan)
-    soak.run()
-    failed = chaos.attribute(soak.records, soak.swaps)
-    result = chaos.summary(soak.swaps, failed, len(soak.records))
-    report = chaos.table(result) + "".join(f"\n{s.index}: {s.problems}" for s in soak.swaps)
-    assert result["requests"] > 100, report
-    assert result["lost"] == 0, (report, [f for f in failed if not f.killed_by_fault])
-    assert result["swaps_with_problems"] == 0, report
-    assert all(s.follow_code == 0 for s in soak.swaps), report
+    """A few swaps of `make chaos` (docs/chaos.md), each with a fault; the long soak is the
+    same command with more swaps."""
+    done = subprocess.run([sys.executable, "-m", "bench.chaos", *SHORT_SOAK, "--out",
+                           str(tmp_path)], capture_output=True, text=True, timeout=900,
+                          cwd=chaos.REPO)
+    report = done.stdout + done.stderr
+    assert done.returncode == 0, report
+    result = json.loads((tmp_path / "chaos.json").read_text())
+    summary = result["summary"]
+    assert summary["swaps"] == summary["faulted"] == 5, report
+    assert summary["requests"] > 100, report
+    assert summary["lost"] == summary["follow_up_refused"] == 0, report
+    assert summary["swaps_with_problems"] == 0, report
+    assert "0 lost" in done.stdout.splitlines()[-2], report
 
 
 def _hold_lock(path, pid: int):
