@@ -35,8 +35,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 
-from bench.bench import LoadProcess
-from bench.chaos_rig import FAULTS, KILLS_REQUESTS, Instance, land
+from bench.chaos_rig import FAULTS, KILLS_REQUESTS, Instance, Load, land
 
 # The random moment of a fault is a seeded fraction of a span after its target appears: for
 # the CLI and an old worker, of the last unfaulted reload's length from the reload's start
@@ -46,7 +45,7 @@ from bench.chaos_rig import FAULTS, KILLS_REQUESTS, Instance, land
 # from the commit.
 MOMENT_SPAN = {"new master": 1.5, "hook": 0.05, "new worker": 1.0}
 FIRST_SWAP_SECONDS = 3.0
-SEGMENT_SECONDS = 600.0  # the load client is restarted between swaps past this (its cap: 900)
+SEGMENT_SECONDS = 300.0  # the load client is restarted between swaps past this (its cap: 900)
 RELOAD_ARGS = ("--timeout", "60", "--drain", "30")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLI_BUDGET = 180.0
@@ -189,10 +188,10 @@ class Soak:
             self.records.extend(load.stop())
             self.instance.stop()
 
-    def _load(self, segment: int) -> LoadProcess:
+    def _load(self, segment: int) -> Load:
         path = os.path.join(self.out, f"load-{segment}.jsonl")
-        return LoadProcess(str(self.instance.socket), self.args.connections,
-                           self.instance.sample_paths(), path, SEGMENT_SECONDS + 280).start()
+        return Load(str(self.instance.socket), self.args.connections,
+                           self.instance.sample_paths(), path, SEGMENT_SECONDS + 580).start()
 
     def one(self, planned: Planned) -> Swap:
         instance = self.instance

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.bench import LoadProcess
 from hotswap.swap import probe
 from hotswap.system import procs
 from scripts.gen_resource import write_resource
@@ -196,6 +197,24 @@ class Instance:
             self.supervisor.wait(timeout=10)
         if not self.keep:
             shutil.rmtree(self.root, ignore_errors=True)
+
+
+class Load(LoadProcess):
+    """bench.bench's load process, given the time a loaded machine needs to stop it: 64
+    threads joined and a few hundred thousand records written can take minutes there (the
+    bench's 60 s once cost a whole segment of records)."""
+
+    STOP_SECONDS = 900.0
+
+    def stop(self) -> list[dict]:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+        _, err = self.proc.communicate(timeout=self.STOP_SECONDS)
+        if self.proc.returncode != 0 or not os.path.exists(self.out):
+            raise RigError(f"load client failed (exit {self.proc.returncode}): {err[-1000:]}")
+        with open(self.out) as handle:
+            return [json.loads(line) for line in handle]
 
 
 # -- faults -----------------------------------------------------------------------------------
