@@ -35,7 +35,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 
-from bench.chaos_rig import FAULTS, KILLS_REQUESTS, Instance, Load, land
+from bench.chaos_rig import FAULTS, KILLS_REQUESTS, STARTUP, Instance, Load, land
 
 # The random moment of a fault is a seeded fraction of a span after its target appears: for
 # the CLI and an old worker, of the last unfaulted reload's length from the reload's start
@@ -149,8 +149,13 @@ def check(swap: Swap, new_generation_prefix: str) -> None:
         swap.problems.append(f"exit {swap.code} but the new release {swap.serving} serves")
     elif swap.code not in (0, 1, 5) and swap.code is not None and swap.code >= 0:
         swap.problems.append(f"exit {swap.code}: {swap.message}")
+    in_startup = (swap.landed or {}).get("phase") == STARTUP
     if swap.code is not None and swap.code < 0 and swap.fault not in SIGKILLED_CLI:
-        swap.problems.append(f"the CLI died of its signal ({swap.code}) with no message")
+        if not in_startup:
+            swap.problems.append(f"the CLI died of its signal ({swap.code}) with no message")
+        elif swap.serving != swap.old_generation:
+            swap.problems.append("a CLI killed in its interpreter's start-up changed what "
+                                 f"serves: {swap.old_generation} -> {swap.serving}")
     if swap.follow_code not in (None, 0):
         swap.problems.append(f"follow-up reload exit {swap.follow_code}: {swap.follow_message}")
 
@@ -191,7 +196,7 @@ class Soak:
     def _load(self, segment: int) -> Load:
         path = os.path.join(self.out, f"load-{segment}.jsonl")
         return Load(str(self.instance.socket), self.args.connections,
-                           self.instance.sample_paths(), path, SEGMENT_SECONDS + 580).start()
+                    self.instance.sample_paths(), path, SEGMENT_SECONDS + 580).start()
 
     def one(self, planned: Planned) -> Swap:
         instance = self.instance
@@ -248,9 +253,10 @@ def summary(swaps: list[Swap], failed: list[Failed], requests: int) -> dict:
     for swap in swaps:
         row = classes.setdefault(swap.fault or "none", {
             "swaps": 0, "landed": 0, "exit_codes": collections.Counter(), "lost": 0,
-            "killed_by_fault": 0, "follow_up_refused": 0, "problems": 0})
+            "in_startup": 0, "killed_by_fault": 0, "follow_up_refused": 0, "problems": 0})
         row["swaps"] += 1
         row["landed"] += bool((swap.landed or {}).get("at"))
+        row["in_startup"] += (swap.landed or {}).get("phase") == STARTUP
         row["exit_codes"][str(swap.code)] += 1
         row["follow_up_refused"] += swap.follow_code not in (None, 0)
         row["problems"] += bool(swap.problems)
@@ -269,11 +275,12 @@ def summary(swaps: list[Swap], failed: list[Failed], requests: int) -> dict:
 
 
 def table(result: dict) -> str:
-    lines = [f"{'fault':<20} {'swaps':>5} {'landed':>6} {'lost':>5} {'killed':>6} "
-             f"{'refused':>7} {'problems':>8}  exit codes"]
+    lines = [f"{'fault':<20} {'swaps':>5} {'landed':>6} {'startup':>7} {'lost':>5} "
+             f"{'killed':>6} {'refused':>7} {'problems':>8}  exit codes"]
     for name, row in sorted(result["classes"].items()):
         codes = ", ".join(f"{code}: {n}" for code, n in sorted(row["exit_codes"].items()))
-        lines.append(f"{name:<20} {row['swaps']:>5} {row['landed']:>6} {row['lost']:>5} "
+        lines.append(f"{name:<20} {row['swaps']:>5} {row['landed']:>6} "
+                     f"{row['in_startup']:>7} {row['lost']:>5} "
                      f"{row['killed_by_fault']:>6} {row['follow_up_refused']:>7} "
                      f"{row['problems']:>8}  {codes}")
     lines.append(f"{result['requests']:,} requests, {result['swaps']} swaps "

@@ -238,6 +238,10 @@ FAULTS = {
 # moment is the fault's, not a loss of the kit's.
 KILLS_REQUESTS = {"old worker SIGKILL", "new worker SIGKILL"}
 STOP_SECONDS = 2.0  # a SIGSTOPped CLI is continued this long after
+# A signal that reached the CLI before its first line (cli.py installs its handlers there,
+# hotswap/system/early.py) met the interpreter's defaults: it dies of it having run nothing
+# of the kit's. The soak checks that nothing changed, and counts such swaps apart.
+STARTUP = "interpreter-startup"
 
 
 @dataclass
@@ -271,12 +275,24 @@ def land(fault: str, delay: float, cli: Cli, instance: Instance, old_master: int
         landed.note = f"no {target} to hit (the reload was done or it never appeared)"
         return landed
     landed.phase = cli.phase()
+    if target == "cli" and not catches(pid, signal.SIGTERM):
+        landed.phase = STARTUP  # no handler of the kit's yet: the interpreter's defaults
     landed.pid, landed.at = pid, time.time()
     procs.signal_quietly(pid, sig)
     if sig == signal.SIGSTOP:
         time.sleep(STOP_SECONDS)  # the fault is the stop's length: a pause, not a poll
         procs.signal_quietly(pid, signal.SIGCONT)
     return landed
+
+
+def catches(pid: int, signum: int) -> bool:
+    """True if pid has a handler for signum (SigCgt in /proc/PID/status)."""
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            caught = next(line for line in handle if line.startswith("SigCgt:"))
+    except (OSError, StopIteration):
+        return False
+    return bool(int(caught.split()[1], 16) & (1 << (signum - 1)))
 
 
 def _sleep_while_running(cli: Cli, delay: float) -> bool:

@@ -75,9 +75,13 @@ def test_the_plan_is_seeded_and_faults_about_the_fraction_asked():
     (1, "s2+ab", "exit 1 but the new release"),
     (-2, "s1+ab", "died of its signal"),
     (0, "", "no generation answered"),
+    (-15, "s1+ab", None),  # landed in the interpreter's start-up, and nothing changed
 ])
 def test_an_exit_code_must_be_true_to_what_serves(code, serving, problem):
-    item = chaos.Swap(2, "cli SIGINT", "s2", 0.0, code=code, serving=serving)
+    item = chaos.Swap(2, "cli SIGINT", "s2", 0.0, code=code, serving=serving,
+                      old_generation="s1+ab")
+    if code == -15:
+        item.landed = {"phase": chaos.STARTUP}
     chaos.check(item, "s2+")
     assert (problem is None) == (not item.problems), item.problems
     if problem:
