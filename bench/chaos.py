@@ -30,6 +30,7 @@ import collections
 import json
 import os
 import random
+import signal
 import sys
 import tempfile
 import time
@@ -190,8 +191,10 @@ class Soak:
                 self.swaps.append(self.one(planned))
                 say(self.swaps[-1])
         finally:
-            self.records.extend(load.stop())
-            self.instance.stop()
+            try:
+                self.records.extend(load.stop())
+            finally:  # the instance is stopped even if the load client failed
+                self.instance.stop()
 
     def _load(self, segment: int) -> Load:
         path = os.path.join(self.out, f"load-{segment}.jsonl")
@@ -307,6 +310,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Started in the background by a non-interactive shell (`make chaos &`), SIGINT comes
+    # ignored, and every child would inherit that: the load client could not be stopped, and
+    # a "cli SIGINT" landing before the CLI's own handlers would be no fault at all.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     args = parse_args(argv)
     plan = draw(args.seed, args.swaps, args.fault_fraction, args.faults)
     soak = Soak(args, plan)
