@@ -19,7 +19,7 @@ PREFIX ?= /opt/hotswap
 UNIT_DIR ?= /etc/systemd/system
 
 .PHONY: run test venv dev made-with deps-system lint bench bench-scale install-systemd release \
-	reload status stop recover clean fleet-demo
+	reload status stop recover clean fleet-demo chaos
 
 $(RUN_STAMP): pyproject.toml
 	@bash scripts/check-prereqs.sh $(PYTHON) $(WHEELS)
@@ -111,3 +111,8 @@ clean:
 	  rc=$$?; if [ $$rc -ne 3 ]; then echo "make clean: refused: an instance of srv.ini is" \
 	  "running (hotswap status exits $$rc); stop it first: make stop" >&2; exit 1; fi; fi
 	rm -rf run log .pytest_cache .ruff_cache
+
+# random faults at random moments under load, every failed request attributed (docs/chaos.md);
+# a soak: `make chaos CHAOS_ARGS="--swaps 40 --seed 7"`
+chaos: $(TEST_STAMP) $(BENCH_STAMP)
+	$(BIN)/python -m bench.chaos $(CHAOS_ARGS)

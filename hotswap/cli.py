@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+# First, before the heavy imports below: a SIGINT/SIGTERM landing while they run is noted
+# and answered like one landing later (system/early.py), not a silent death of exit -2.
+from .system import early
+
+early.install()
+
 import json
 import os
 import signal
@@ -80,6 +86,8 @@ pass_context = click.make_pass_decorator(Context)
 @click.pass_context
 def main(ctx: click.Context, ini: str) -> None:
     """Zero-downtime release swaps for a uWSGI service (master re-fork)."""
+    if ctx.invoked_subcommand != "reload":  # reload hands early signals to its machine
+        early.replay()
     ctx.obj = Context(ini)
 
 
@@ -139,6 +147,7 @@ def reload_cmd(ctx: Context, timeout: float, drain_timeout: float, force: bool,
 
     result = reload(ctx.cfg, timeout, drain_timeout, show, force=force,
                     memory_margin=memory_margin)
+    early.settled()  # what is printed below is what happened, whatever signal lands now
     try:
         write_last_reload(ctx.cfg, result)
     except OSError as exc:  # a full run dir must not hide the outcome behind exit 2

@@ -147,13 +147,14 @@ def test_logs_rotated_during_load_keep_reloads_working(service: Service, tmp_pat
 
 def test_busy_and_silent_are_told_apart(service: Service):
     service.start()
-    # a swap whose old master outlives --drain: the next reload is "busy" (4), with the time
+    # a swap whose old master outlives --drain: the next reload waits for it within its own
+    # --drain, and past that is "busy" (4), with the time
     slow = SlowRequest(service, seconds=12)
     done = service.cli("reload", "--drain", "0.2")
     assert done.returncode == 0, done.stderr
     service.seen_masters.add(service.health()["master_pid"])
-    again = service.cli("reload")
-    assert again.returncode == 4, again.stderr
+    again = service.cli("reload", "--drain", "0.5")
+    assert again.returncode == 4, done.stdout + done.stderr + again.stdout + again.stderr
     assert "still draining" in again.stderr and "(for " in again.stderr
     assert slow.result().status == 200
     # every worker busy: /healthz is silent, and status says so with a non-zero code

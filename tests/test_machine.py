@@ -288,6 +288,36 @@ def test_preflight_refuses_while_the_old_master_still_drains():
     assert sent(host) == []
 
 
+def test_preflight_waits_for_the_last_swaps_old_master_to_drain_then_swaps():
+    """Found by the chaos soak: a reload right after an interrupted one was refused (exit 4)
+    while the old master of the last swap still drained; it now waits within its budget."""
+    host = FakeHost()
+    host.slot[90] = Slot.STANDBY  # the generation before OLD, retiring
+    host.alive_pids.add(90)
+    host.record = Handover(master_pid=OLD, state=State.DONE, retiring_pid=90)
+    host.at(2.0, lambda: host._exit(90))
+    result, _ = run(host, drain=5.0)
+    assert result.ok, result.message
+    details = [p["detail"] for p in result.phases]
+    assert any("waiting for old master 90 to drain" in d for d in details), details
+    assert "old master 90 drained and exited" in details
+    assert host.t >= 2.0
+    assert_new_serves(host)
+
+
+def test_an_interrupt_while_waiting_for_a_drain_changes_nothing():
+    host = FakeHost()
+    host.slot[90] = Slot.STANDBY
+    host.alive_pids.add(90)
+    host.record = Handover(master_pid=OLD, state=State.DONE, retiring_pid=90)
+    machine = Reload(host, 30.0, 5.0)
+    host.at(1.0, lambda: machine.interrupt("SIGTERM"))
+    result = machine.run()
+    assert result.exit_code == ExitCode.RELOAD_FAILED
+    assert result.message == "interrupted by SIGTERM before anything changed"
+    assert sent(host) == []
+
+
 def test_no_master_is_not_running():
     host = FakeHost()
     host.alive_pids.clear()

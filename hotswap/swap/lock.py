@@ -15,6 +15,11 @@ from ..system import files, procs
 # `status` peeks at the lock for an instant; a reload that starts in that instant retries
 # briefly rather than being refused.
 CONTENTION_SECONDS = 0.2
+# A reload SIGKILLed a moment ago (an operator's or systemd's retry at once) still holds the
+# lock until the kernel has finished its exit, which a busy machine can stretch past
+# CONTENTION_SECONDS: while the pid it wrote is gone or exiting, the lock is taken over as
+# soon as the kernel frees it, rather than refused as busy.
+DYING_HOLDER_SECONDS = 10.0
 
 
 def _try_lock(handle, mode: int) -> bool:
@@ -33,7 +38,8 @@ def reload_lock(cfg: Config, action: str) -> Iterator[None]:
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     handle = open(cfg.lock_file, "a+")  # noqa: SIM115 - held for the whole block
     try:
-        if not procs.wait_until(lambda: _try_lock(handle, fcntl.LOCK_EX), CONTENTION_SECONDS):
+        if not procs.wait_until(lambda: _try_lock(handle, fcntl.LOCK_EX), CONTENTION_SECONDS) \
+                and not _after_dying_holder(handle):
             handle.seek(0)
             holder = handle.read().strip() or "unknown"
             raise HotswapError(
@@ -47,6 +53,22 @@ def reload_lock(cfg: Config, action: str) -> Iterator[None]:
         yield
     finally:
         handle.close()
+
+
+def _after_dying_holder(handle) -> bool:
+    """True once the lock is ours, if the pid that holds it is gone or exiting."""
+    def recorded() -> int | None:
+        handle.seek(0)
+        text = handle.read().strip()
+        return int(text) if text.isdigit() else None
+
+    def taken_or_refused():
+        if _try_lock(handle, fcntl.LOCK_EX):
+            return "taken"
+        pid = recorded()
+        return None if pid and (not procs.alive(pid) or procs.exiting(pid)) else "refused"
+
+    return procs.wait_until(taken_or_refused, DYING_HOLDER_SECONDS) == "taken"
 
 
 @contextmanager

@@ -45,11 +45,11 @@ from enum import Enum
 from ..config import Config
 from ..errors import ExitCode, HotswapError
 from ..protocol.record import PAUSE_STATES, Handover, State
-from ..system import files, memory, stats, uwsgilog
+from ..system import early, files, memory, stats, uwsgilog
 from . import probe
 from .host import Host, RealHost, Slot
 from .lock import reload_lock
-from .repair import abort_generation, finish_committed, repair, wait, wake
+from .repair import Repair, abort_generation, exited, finish_committed, repair, wait
 
 # The serving generation's health path, asked before anything changes.
 HEALTH_TIMEOUT = 5.0
@@ -179,13 +179,8 @@ class ToCommit(Swap):
         for action in repaired.actions:
             self.enter(Phase.PREFLIGHT, f"repaired: {action}")
         result.warnings.extend(repaired.warnings)
-        if repaired.draining:
-            raise HotswapError(
-                f"old master {repaired.draining} is still draining its in-flight requests "
-                f"from the last swap{repaired.draining_note()}; reload again once it has "
-                "exited (`hotswap status`)",
-                ExitCode.BUSY,
-            )
+        if repaired.draining and not self._wait_drained(repaired):
+            return self._interrupted_before_anything()
         live = host.masters().live
         if not live:
             raise HotswapError("nothing is running: no master reads the live FIFO",
@@ -207,9 +202,31 @@ class ToCommit(Swap):
                    f"master {live} serving generation {result.old_generation or '?'}")
         self.enter(Phase.PREFLIGHT, self.memory.check(live))
         if self.interrupted:
-            return self.end(ExitCode.RELOAD_FAILED,
-                            f"interrupted by {self.interrupted} before anything changed")
+            return self._interrupted_before_anything()
         return Phase.FORKING
+
+    def _interrupted_before_anything(self) -> Phase:
+        return self.end(ExitCode.RELOAD_FAILED,
+                        f"interrupted by {self.interrupted} before anything changed")
+
+    def _wait_drained(self, repaired: Repair) -> bool:
+        """The last swap's old master still finishes its requests (a reload right after an
+        interrupted one): wait for it within this reload's own budget (--drain, inside
+        --timeout) rather than refuse; a swap now would park a second master beside it."""
+        old = repaired.draining
+        self.enter(Phase.PREFLIGHT, f"waiting for old master {old} to drain its in-flight "
+                                    f"requests from the last swap{repaired.draining_note()}")
+        budget = min(self.drain_timeout, self.remaining())
+        if self.poll(exited(self.host, old), budget):
+            self.host.remove_stale(Slot.STANDBY)  # re-created on its way out (uwsgi#1492)
+            self.enter(Phase.PREFLIGHT, f"old master {old} drained and exited")
+            return True
+        if self.interrupted:
+            return False
+        raise HotswapError(
+            f"old master {old} is still draining its in-flight requests from the last "
+            f"swap{repaired.draining_note()} after waiting {budget:g}s for it; reload "
+            "again once it has exited (`hotswap status`)", ExitCode.BUSY)
 
     def fork(self) -> Phase:
         old = self.result.old_master
@@ -330,17 +347,12 @@ class Reload(ToCommit):
     def _drain(self) -> Phase:
         host, result = self.host, self.result
         old, new = result.old_master, result.new_master
-        woke = []
+        old_exited = exited(host, old)
 
         def gone_or_new_dead():
-            if not host.alive(old):
+            if old_exited():
                 return "gone"
-            if not host.alive(new):
-                return "new dead"
-            if not woke and not host.workers_of(old):
-                wake(host, old)
-                woke.append(old)
-            return None
+            return "new dead" if not host.alive(new) else None
 
         # Past the commit point an interrupt does not cut this short: the swap finishes, and
         # the standby FIFO the old master re-creates on its way out is cleared below.
@@ -507,6 +519,8 @@ def reload(cfg: Config, timeout: float, drain_timeout: float,
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, lambda sig, _frame: machine.interrupt(signal.Signals(sig).name))
+        for name in early.take():  # landed while the CLI imported: before anything changed
+            machine.interrupt(name)
     if lock_held:
         return machine.run()
     with reload_lock(cfg, "start another"):

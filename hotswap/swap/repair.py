@@ -122,6 +122,21 @@ def wake(host: Host, master: int) -> None:
     host.signal(master, signal.SIGUSR1)
 
 
+def exited(host: Host, master: int):
+    """A probe: True once `master` has exited, waking it (once) when its last worker has."""
+    woke: list[int] = []
+
+    def probe() -> bool:
+        if not host.alive(master):
+            return True
+        if not woke and not host.workers_of(master):
+            wake(host, master)
+            woke.append(master)
+        return False
+
+    return probe
+
+
 def reattach_fifos(host: Host) -> list[str]:
     """A master whose FIFO path was removed or replaced (an `rm`, a cleanup job) serves on,
     but no command reaches it: have it re-create the path, or say the one way out."""

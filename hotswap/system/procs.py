@@ -66,6 +66,21 @@ def alive(pid: int | None) -> bool:
     return info is not None and info.state != "Z"
 
 
+PF_EXITING = 0x4  # include/linux/sched.h: the process is in its exit
+
+
+def exiting(pid: int) -> bool:
+    """True while pid is being torn down by the kernel (after a SIGKILL, say): it may still
+    hold its locks and files for a moment, though it will never run again."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            raw = handle.read()
+    except OSError:
+        return False
+    fields = raw[raw.rindex(")") + 2 :].split()
+    return bool(int(fields[6]) & PF_EXITING)
+
+
 def all_pids() -> list[int]:
     return [int(name) for name in os.listdir("/proc") if name.isdigit()]
 
