@@ -27,7 +27,7 @@ from pathlib import Path
 from ..config import Config
 from ..errors import ExitCode, HotswapError
 from ..inside.live_store import SWITCH_FILE
-from ..protocol import store
+from ..protocol import store, store_state
 from ..service.instance import find_masters
 from ..swap import probe
 from ..swap.lock import reload_lock
@@ -166,6 +166,9 @@ def refresh(cfg: Config, path: str, timeout: float, show: Show) -> RefreshResult
              f"{info.size_bytes / 1e6:.1f} MB, sha256 {info.sha256[:12]} in "
              f"{info.validate_seconds:.2f}s")
         master = find_masters(cfg).live  # a /proc scan: not inside the timed switch
+        # validated: a store the workers may fall back to if a later one changes under them
+        store_state.remember_good(cfg.run_dir, store_state.Mark.of(
+            info.path, info.version, info.sha256))
         store.point(old.pointer, info.path)
         signalled = signal_switch(cfg)
         show("switching", at(), f"{old.pointer} -> {os.path.basename(info.path)}; "
@@ -180,6 +183,7 @@ def refresh(cfg: Config, path: str, timeout: float, show: Show) -> RefreshResult
                                                  * 1000, 1))
                    for pid, r in sorted(reports.items())]
         store.remove_dead_reports(cfg.run_dir)
+        store_state.clear_fallback(cfg.run_dir)  # the pointer names a good store again
         show("done", at(), f"{len(workers)}/{len(workers)} workers serve {info.version}")
     return RefreshResult(True, ExitCode.OK, f"store {old.version} -> {info.version} on "
                          f"{len(workers)} workers", at(), old.version, info.version,

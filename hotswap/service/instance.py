@@ -18,6 +18,7 @@ from ..swap import drift, probe
 from ..swap.host import RealHost
 from ..swap.lock import hold_instance_lock, holder, reload_lock
 from ..swap.repair import abort_generation, reattach_fifos, repair
+from ..swap.store_repair import fallback_problem, repair_fallback
 from ..system import files, memory, procs, stats
 
 
@@ -130,11 +131,13 @@ def begin_stop(cfg: Config) -> tuple[list[int], list[int]]:
 def recover(cfg: Config) -> str:
     """Repair the instance after an interrupted swap (e.g. `hotswap reload` SIGKILLed): a
     generation left loading is rolled back (or, if its hand-over had committed, finished), a
-    parked master is retired if another serves, or moved back to the live FIFO if none does.
+    parked master is retired if another serves, or moved back to the live FIFO if none does;
+    after a store fallback, `current` is pointed at the store the workers fell back to.
     Returns what it did."""
     with reload_lock(cfg, "recover"):
         report = repair(RealHost(cfg))
-    lines = [*report.actions, *(f"warning: {w}" for w in report.warnings)]
+        store_actions = repair_fallback(cfg.run_dir)
+    lines = [*report.actions, *store_actions, *(f"warning: {w}" for w in report.warnings)]
     if report.draining:
         lines.append(f"old master {report.draining} is draining its in-flight requests and "
                      "exits on its own")
@@ -240,4 +243,6 @@ def problems(cfg: Config, host: RealHost, master: int, health: dict | None,
         busy = sum(w["status"] == "busy" for w in stats.workers(document or {}))
         found.append(f"master {master} runs, but {cfg.health_path} does not answer" + (
             f" ({busy} workers busy with requests)" if busy else "") + ": see the log")
+    if problem := fallback_problem(cfg.run_dir):
+        found.append(problem)
     return found
