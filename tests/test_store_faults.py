@@ -1,22 +1,27 @@
 """The store's faults under load: a served store changed in place (the workers fall back to
-the last good store by themselves, `status` names it, `recover` re-points `current`)."""
+the last good store by themselves, `status` names it, `recover` re-points `current`); stores
+only the app's checks refuse; a refresh interrupted at each phase."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import signal
 import stat
 import time
 from pathlib import Path
 
 import pytest
-from conftest import Service, sample_paths
+from conftest import Lines, Service, SlowRequest, sample_paths
+from releases_util import LayoutService, lookup_paths
 from test_store import CONNECTIONS, version_store
 
 from bench.loadgen import LoadGenerator, summarize
 from hotswap.protocol import store, store_state
-from hotswap.system import procs
+from hotswap.system import procs, stats
+from scripts.build_store import main as build_store
+from scripts.build_store import read_table
 
 SIGBUS_DEATH = re.compile(r"worker \d+ \(pid: (\d+)\) died, killed by signal 7")
 
@@ -52,7 +57,7 @@ def test_a_truncated_store_falls_back_to_the_last_good_one(tmp_path: Path):
         assert done.returncode == 0, done.stdout + done.stderr
         # full scans among the lookups: some worker is reading far into the file when it is
         # cut, and dies of SIGBUS (the respawned worker must not open the cut file again)
-        paths = (*sample_paths(service, 15), "/scan")
+        paths = (*sample_paths(service, 15), "/scan?limit=40000")
         with LoadGenerator(str(service.socket), CONNECTIONS, paths, max_seconds=120) as load:
             assert procs.wait_until(lambda: len(load.records) > 200, 30)
             os.truncate(v2, v2.stat().st_size // 2)  # what `truncate -s` does
@@ -61,7 +66,7 @@ def test_a_truncated_store_falls_back_to_the_last_good_one(tmp_path: Path):
             assert fallback, service.log_tail()
             # and every worker serves v1: a respawned one too
             assert procs.wait_until(
-                lambda: sum(r.generation.startswith("v1+") for r in load.records) > 300,
+                lambda: sum(r.generation.startswith("v1+") for r in load.records) > 100,
                 60), summarize(load.records)
         summary = summarize(load.records)
         status = service.cli("status")
@@ -87,3 +92,150 @@ def test_a_truncated_store_falls_back_to_the_last_good_one(tmp_path: Path):
     assert after.returncode == 0, after.stdout
     assert reload.returncode == 0, reload.stdout + reload.stderr
     print(json.dumps({"summary": summary, "sigbus_deaths": len(killed)}))
+
+
+# -- refresh: the app's checks, and its commit point ---------------------------------------
+
+def served(service: Service) -> tuple[set[str], str]:
+    """The store version every live worker reports, and the file the pointer names."""
+    pids = [w["pid"] for w in stats.workers(stats.read(service.run_dir / "stats.sock") or {})]
+    reports = store.read_reports(service.run_dir, pids)
+    assert len(reports) == len(pids) and pids, (pids, reports)
+    return {r.version for r in reports.values()}, os.readlink(service.store_dir / "current")
+
+
+def consistently(service: Service, version: str) -> bool:
+    """Every worker serves `version` and the pointer names it (polled: a worker busy with a
+    request switches after it)."""
+    return bool(procs.wait_until(
+        lambda: served(service) == ({version}, store.store_file_name(version)), 30))
+
+
+@pytest.mark.slow
+def test_refresh_refuses_stores_the_app_cannot_serve(tmp_path: Path):
+    service = Service(tmp_path, mode="store")
+    try:
+        before = service.start()
+        empty = service.store_dir / "terms-empty.lmdb"
+        store.build([], empty, "empty")
+        _, pairs = read_table(str(service.root / "data" / "terms.tsv"))
+        latin = service.store_dir / "terms-latin.lmdb"
+        store.build(((k, b"caf\xe9") for k, v in pairs), latin, "latin")
+        with LoadGenerator(str(service.socket), CONNECTIONS, sample_paths(service)) as load:
+            refusals = [service.cli("refresh", str(path)) for path in (empty, latin)]
+        summary = summarize(load.records)
+        health = service.health()
+    finally:
+        service.teardown()
+    for done, cause in zip(refusals, ("StopIteration", "SmokeError"), strict=True):
+        assert done.returncode == 1, done.stdout + done.stderr
+        assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
+        assert "store refused by the app's checks" in done.stderr and cause in done.stderr
+        assert "v1 still serves" in done.stderr
+    assert "UnicodeDecodeError" in refusals[1].stderr
+    assert summary["failed"] == 0 and summary["requests"] > 100, summary
+    assert health["generation"] == before["generation"]
+
+
+def refresh_in_background(service: Service, path: Path):
+    process = service.cli_background("refresh", str(path), "--timeout", "60")
+    return process, Lines(process)
+
+
+@pytest.mark.slow
+def test_refresh_interrupted_at_each_phase_leaves_one_store(tmp_path: Path):
+    service = Service(tmp_path, mode="store")
+    try:
+        service.start()
+        outcomes = {}
+        with LoadGenerator(str(service.socket), CONNECTIONS, sample_paths(service),
+                           max_seconds=240) as load:
+            # the app check (importing srv.py in a child) holds: nothing switched yet
+            for n, signum in ((2, signal.SIGINT), (3, signal.SIGKILL)):
+                service.release_hanging_import()
+                process, lines = refresh_in_background(service, version_store(service, f"v{n}"))
+                lines.wait_for("checking")
+                checker = service.loading_pid()
+                os.kill(process.pid, signum)
+                code, out, err = lines.finish()
+                procs.signal_quietly(checker, signal.SIGKILL)  # orphaned by the SIGKILL
+                service.restore_code()
+                outcomes[f"checking/{signum.name}"] = (code, err)
+                assert consistently(service, "v1"), served(service)
+            # a worker busy with a slow request holds the switch: before the commit point
+            for n, signum in ((4, signal.SIGTERM), (5, signal.SIGKILL)):
+                slow = SlowRequest(service, 3)
+                process, lines = refresh_in_background(service, version_store(service, f"v{n}"))
+                lines.wait_for("switching")
+                os.kill(process.pid, signum)
+                code, out, err = lines.finish()
+                outcomes[f"switching/{signum.name}"] = (code, err)
+                if signum is signal.SIGKILL:
+                    status = service.cli("status")
+                    recover = service.cli("recover")
+                assert slow.result().status == 200
+                assert consistently(service, "v1"), served(service)
+            after = service.cli("refresh", str(version_store(service, "v6")))
+        summary = summarize(load.records)
+    finally:
+        service.teardown()
+    for phase in ("checking", "switching"):
+        code, err = outcomes[f"{phase}/SIGKILL"]
+        assert code == -signal.SIGKILL
+    assert outcomes["checking/SIGINT"][0] == 1, outcomes
+    assert "interrupted" in outcomes["checking/SIGINT"][1]
+    assert outcomes["switching/SIGTERM"][0] == 1, outcomes
+    assert "interrupted by SIGTERM before the commit point" in outcomes["switching/SIGTERM"][1]
+    assert "store v1 serves again" in outcomes["switching/SIGTERM"][1]
+    assert status.returncode == 6 and "was killed in its switching phase" in status.stdout
+    assert recover.returncode == 0 and "rolled back the refresh to store v5" in recover.stdout
+    assert after.returncode == 0, after.stdout + after.stderr
+    assert summary["failed"] == 0, summary
+
+
+# -- refresh in a release layout, and through `watch` ---------------------------------------
+
+def store_source(service: LayoutService, name: str) -> Path:
+    """A release folder whose srv.py serves a store of its table (data/store/current)."""
+    folder = service.source(name)
+    assert build_store([str(folder / "data" / "terms.tsv"), "-o", str(folder / "data" /
+                        "store"), "--version", name, "--point"]) == 0
+    return folder
+
+
+def layout_store(service: LayoutService, version: str) -> Path:
+    """A store outside the releases (where a data pipeline would write it)."""
+    path = service.root / "stores" / store.store_file_name(version)
+    _, pairs = read_table(str(service.resource))
+    store.build(((k, v + b"," + version.encode()) for k, v in pairs), path, version)
+    return path
+
+
+@pytest.mark.slow
+def test_refresh_in_a_release_layout_and_through_watch(tmp_path: Path):
+    service = LayoutService(tmp_path)
+    service.mode = "store"
+    try:
+        assert service.cli("deploy", str(store_source(service, "v1"))).returncode == 0
+        service.start()
+        with LoadGenerator(str(service.socket), CONNECTIONS, lookup_paths(service),
+                           max_seconds=240) as load:
+            done = service.cli("refresh", str(layout_store(service, "v2")))
+            reports = list((service.run_dir / store.REPORT_DIR).glob("*.json"))
+            served_v2 = service.serving_name()
+            watcher = service.cli_background("watch", "--quiet", "0.5", "--verbose")
+            lines = Lines(watcher)
+            lines.wait_for("watching")
+            dropped = service.root / "drop" / store.store_file_name("v3")
+            os.replace(layout_store(service, "v3"), dropped)
+            lines.wait_for(f"refresh {dropped}: ok", timeout=120)
+            served_v3 = service.serving_name()
+            watcher.send_signal(signal.SIGTERM)
+            code, _, _ = lines.finish()
+        summary = summarize(load.records)
+    finally:
+        service.teardown()
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert reports and served_v2 == "v2"
+    assert served_v3 == "v3" and code == 0, lines.lines
+    assert summary["failed"] == 0, summary

@@ -33,11 +33,14 @@ from pathlib import Path
 import lmdb
 
 from ..protocol import store, store_state
+from ..protocol.store_record import StoreSwitch
 from ..system import files
 
 # The uWSGI signal number the kit uses for a store switch (any free 0..255 would do).
 SWITCH_SIGNAL = 42
 SWITCH_FILE = "store.switch"
+CHECK_STORE_ENV = "HOTSWAP_CHECK_STORE"
+RUN_DIR_ENV = "HOTSWAP_RUN_DIR"
 
 
 @dataclass
@@ -101,7 +104,9 @@ class LiveStore:
     """The store one process serves; follows `pointer` (a symlink) on each switch."""
 
     def __init__(self, pointer: str) -> None:
-        self.pointer = pointer
+        # `hotswap refresh` imports the app in a child against the store it is about to
+        # serve (releases/app_check.py): the same checks as a reload's, before any worker
+        self.pointer = os.environ.get(CHECK_STORE_ENV) or pointer
         self.info: store.StoreInfo | None = None  # what the master validated at import
         self.run_dir: str | None = None
         self._snapshot: Snapshot | None = None
@@ -139,6 +144,9 @@ class LiveStore:
         """Map the store the pointer names now (or the fallback while the pointer names a
         broken one), if it is not the one mapped; report it."""
         target = os.path.realpath(self.pointer)
+        switch = StoreSwitch.read(self.run_dir) if self.run_dir else None
+        if switch and (instead := switch.store_for_workers()):
+            target = instead  # a killed refresh's pointer may be half-switched: its record rules
         fallback = store_state.Fallback.read(self.run_dir) if self.run_dir else None
         if fallback and fallback.broken_path == target:
             target = fallback.path  # a respawned worker: never the file that broke
@@ -212,9 +220,12 @@ class LiveStore:
             import uwsgi  # type: ignore[import-not-found]
         except ImportError:
             return False
-        run_dir = uwsgi.opt.get("run_dir")
+        # The instance's run dir, where the CLI looks: `hotswap start` exports it (a release
+        # layout's hotswap.ini sets run_dir first, and the release's srv.ini sets its own
+        # `%drun` after; the first definition is the one uWSGI expands, and the CLI reads).
+        run_dir = os.environ.get(RUN_DIR_ENV) or uwsgi.opt.get("run_dir")
         if isinstance(run_dir, list):
-            run_dir = run_dir[-1]
+            run_dir = run_dir[0]
         if not run_dir:
             return False
         self.run_dir = run_dir.decode() if isinstance(run_dir, bytes) else str(run_dir)

@@ -18,7 +18,7 @@ from ..swap import drift, probe
 from ..swap.host import RealHost
 from ..swap.lock import hold_instance_lock, holder, reload_lock
 from ..swap.repair import abort_generation, reattach_fifos, repair
-from ..swap.store_repair import fallback_problem, repair_fallback
+from ..swap.store_repair import repair_store, store_problems
 from ..system import files, memory, procs, stats
 
 
@@ -136,7 +136,7 @@ def recover(cfg: Config) -> str:
     Returns what it did."""
     with reload_lock(cfg, "recover"):
         report = repair(RealHost(cfg))
-        store_actions = repair_fallback(cfg.run_dir)
+        store_actions = repair_store(cfg)
     lines = [*report.actions, *store_actions, *(f"warning: {w}" for w in report.warnings)]
     if report.draining:
         lines.append(f"old master {report.draining} is draining its in-flight requests and "
@@ -243,6 +243,5 @@ def problems(cfg: Config, host: RealHost, master: int, health: dict | None,
         busy = sum(w["status"] == "busy" for w in stats.workers(document or {}))
         found.append(f"master {master} runs, but {cfg.health_path} does not answer" + (
             f" ({busy} workers busy with requests)" if busy else "") + ": see the log")
-    if problem := fallback_problem(cfg.run_dir):
-        found.append(problem)
+    found.extend(store_problems(cfg.run_dir))
     return found

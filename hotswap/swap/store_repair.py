@@ -1,25 +1,40 @@
-"""Putting the store pointer right after the workers fell back from a changed store (and,
-once refresh keeps a record, after a refresh that was killed): the store half of `recover`.
+"""The store half of `recover` and `status`: a refresh that was killed (store_switch.py undoes
+or finishes it), and a fallback from a store that changed under the workers.
 
-The workers already serve the fallback (hotswap/inside/live_store.py); what is left is the
-pointer (`data/store/current`), which still names the broken file, so that a reload, a
-restart or a respawned worker after the record is gone would open it again.
+After a fallback the workers already serve the last good store (hotswap/inside/live_store.py);
+what is left is the pointer (`data/store/current`), which still names the broken file, so that
+a reload, a restart, or a respawned worker once the record is gone would open it again.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from ..config import Config
 from ..protocol import store, store_state
+from ..protocol.store_record import StoreSwitch
+from .store_switch import repair_switch
 
 
-def fallback_problem(run_dir: Path) -> str | None:
-    """`status`: the fallback in force, with the command that ends it, or None."""
+def store_problems(run_dir: Path) -> list[str]:
+    """`status`: a killed refresh, a fallback in force; each with the command that ends it."""
+    found = []
+    switch = StoreSwitch.read(run_dir)
+    if switch is not None and switch.orphaned:
+        found.append(f"a refresh to store {switch.new_version} (pid {switch.pid}) was killed "
+                     f"in its {switch.phase.value} phase; `hotswap recover` "
+                     + ("finishes it" if switch.phase.value == "committed" else
+                        f"switches every worker back to {switch.old_version}"))
     fallback = store_state.Fallback.read(run_dir)
-    if fallback is None:
-        return None
-    return (f"store fallback: {fallback.describe()}; `hotswap recover` points "
-            f"{fallback.pointer} at {fallback.version}")
+    if fallback is not None:
+        found.append(f"store fallback: {fallback.describe()}; `hotswap recover` points "
+                     f"{fallback.pointer} at {fallback.version}")
+    return found
+
+
+def repair_store(cfg: Config) -> list[str]:
+    """What recover does for the store (the caller holds the reload lock)."""
+    return [*repair_switch(cfg), *repair_fallback(cfg.run_dir)]
 
 
 def repair_fallback(run_dir: Path) -> list[str]:
