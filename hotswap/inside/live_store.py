@@ -128,7 +128,12 @@ class LiveStore:
             self.follow_pointer()
             snap = self._snapshot
         elif snap.path != self._stuck_on and (cause := snap.change()) is not None:
-            self._fall_back(snap.path, snap.version, cause)
+            try:
+                self._fall_back(snap.path, snap.version, cause)
+            except (OSError, store.StoreError, lmdb.Error) as exc:
+                self._stuck_on = snap.path  # serve on with what we have; say why once
+                _log(f"hotswap store: worker {os.getpid()} cannot leave {snap.path} "
+                     f"({cause}): {exc}")
             snap = self._snapshot
         assert snap is not None
         return snap
@@ -172,10 +177,9 @@ class LiveStore:
             old.close()
 
     def _fall_back(self, broken: str, version: str, cause: str) -> None:
-        """Leave `broken` for the newest good store, with one loud line from the worker that
-        finds it first (the others follow its record quietly)."""
-        good = store_state.GoodStores.read(self.run_dir) if self.run_dir else None
-        mark = good.fallback_for(broken) if good else None
+        """Leave `broken` for the newest good store (the first worker to find it says so)."""
+        mark = store_state.GoodStores.read(self.run_dir).fallback_for(broken) \
+            if self.run_dir else None
         if mark is None:
             if self._stuck_on != broken:
                 _log(f"hotswap store: STORE CHANGED: worker {os.getpid()}: {broken} "
@@ -187,22 +191,9 @@ class LiveStore:
             return
         self._open(mark.path)
         self._report()
-        record = store_state.Fallback(broken, version, cause, mark.path, mark.version,
-                                      os.path.abspath(self.pointer), os.getpid(),
-                                      files.iso_time())
-        if record.claim(self.run_dir):
-            _log(f"hotswap store: FALLBACK: worker {os.getpid()}: {record.describe()}; "
-                 "`hotswap recover` points current at it")
-
-    def remember_validated(self) -> None:
-        """The master's import validated `info`: a store to fall back to later."""
-        if self.info is None or self.run_dir is None:
-            return
-        store_state.remember_good(self.run_dir, store_state.Mark.of(
-            self.info.path, self.info.version, self.info.sha256))
-        fallback = store_state.Fallback.read(self.run_dir)
-        if fallback and fallback.broken_path == self.info.path:
-            store_state.clear_fallback(self.run_dir)  # whole again: a full pass says so
+        _announce_fallback(self.run_dir, store_state.Fallback(
+            broken, version, cause, mark.path, mark.version, os.path.abspath(self.pointer),
+            os.getpid(), files.iso_time()))
 
     def _report(self) -> None:
         snap = self._snapshot
@@ -220,25 +211,17 @@ class LiveStore:
             import uwsgi  # type: ignore[import-not-found]
         except ImportError:
             return False
-        # The instance's run dir, where the CLI looks: `hotswap start` exports it (a release
-        # layout's hotswap.ini sets run_dir first, and the release's srv.ini sets its own
-        # `%drun` after; the first definition is the one uWSGI expands, and the CLI reads).
-        run_dir = os.environ.get(RUN_DIR_ENV) or uwsgi.opt.get("run_dir")
-        if isinstance(run_dir, list):
-            run_dir = run_dir[0]
-        if not run_dir:
+        self.run_dir = _run_dir(uwsgi.opt)
+        if not self.run_dir:
             return False
-        self.run_dir = run_dir.decode() if isinstance(run_dir, bytes) else str(run_dir)
         switch_file = Path(self.run_dir) / SWITCH_FILE
         switch_file.parent.mkdir(parents=True, exist_ok=True)
         switch_file.touch()  # inotify needs the file to exist when the master watches it
         uwsgi.register_signal(SWITCH_SIGNAL, "workers", self._on_switch_signal)
         uwsgi.add_file_monitor(SWITCH_SIGNAL, str(switch_file))
         uwsgi.post_fork_hook = self._after_fork
-        try:
-            self.remember_validated()
-        except OSError as exc:  # a fallback is a comfort; serving is the point
-            _log(f"hotswap store: cannot record {self.pointer} as good: {exc}")
+        if self.info is not None:
+            remember_validated(self.run_dir, self.info)
         return True
 
     def _after_fork(self) -> None:
@@ -256,6 +239,43 @@ class LiveStore:
             # keep serving the old version; refresh sees the stale report and says so
             kept = self._snapshot.version if self._snapshot else None
             _log(f"hotswap store: worker {os.getpid()} keeps {kept}: {exc}")
+
+
+def _run_dir(options: dict) -> str | None:
+    """The instance's run dir, where the CLI looks: `hotswap start` exports it. (A release
+    layout's hotswap.ini sets run_dir, then the release's srv.ini sets its own `%drun`: the
+    first definition is the one uWSGI expands, and the one the CLI reads.)"""
+    run_dir = os.environ.get(RUN_DIR_ENV) or options.get("run_dir")
+    if isinstance(run_dir, list):
+        run_dir = run_dir[0]
+    if not run_dir:
+        return None
+    return run_dir.decode() if isinstance(run_dir, bytes) else str(run_dir)
+
+
+def remember_validated(run_dir: str, info: store.StoreInfo) -> None:
+    """The master's import validated `info` with a full pass: a store to fall back to later,
+    and no longer a broken one if a fallback had left it."""
+    try:
+        store_state.remember_good(run_dir, store_state.Mark.of(info.path, info.version,
+                                                               info.sha256))
+        fallback = store_state.Fallback.read(run_dir)
+        if fallback and fallback.broken_path == info.path:
+            store_state.clear_fallback(run_dir)
+    except OSError as exc:  # a fallback is a comfort; serving is the point
+        _log(f"hotswap store: cannot record {info.path} as good: {exc}")
+
+
+def _announce_fallback(run_dir: str, record: store_state.Fallback) -> None:
+    """One loud line, from the worker whose record is the one that stands."""
+    try:
+        claimed = record.claim(run_dir)
+    except OSError as exc:
+        claimed = True
+        _log(f"hotswap store: cannot write {store_state.FALLBACK_NAME}: {exc}")
+    if claimed:
+        _log(f"hotswap store: FALLBACK: worker {os.getpid()}: {record.describe()}; "
+             "`hotswap recover` points current at it")
 
 
 def _log(line: str) -> None:
