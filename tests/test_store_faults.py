@@ -12,6 +12,7 @@ import shutil
 import signal
 import stat
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -51,6 +52,29 @@ def test_marks_tell_a_changed_file(tmp_path: Path):
     assert "size" in mark.change_on_disk()
     good = store_state.GoodStores((mark,))
     assert good.fallback_for(str(tmp_path / "other.lmdb")) is None  # the only one changed
+
+
+READER_AFTER_A_CUT = """
+import lmdb, os, sys
+env = lmdb.open(sys.argv[1], subdir=False, readonly=True, lock=False, max_dbs=2,
+                map_size=os.path.getsize(sys.argv[1]))
+txn = env.begin(db=env.open_db(b"terms", create=False))
+print("before:", txn.get(b"t000001").decode(), flush=True)
+os.truncate(sys.argv[1], os.path.getsize(sys.argv[1]) // 2)
+print("after:", txn.get(b"t000002").decode(), flush=True)
+"""
+
+
+def test_a_truncated_store_kills_its_reader_with_sigbus(tmp_path: Path):
+    """What docs/store.md says: LMDB reads through its mapping with no size check, and a
+    lookup walks from the root page, which a copy-on-write B-tree writes last: cut the file
+    in half and even a key of the first half is out of reach (SIGBUS, not an exception)."""
+    path = tmp_path / "terms-v1.lmdb"
+    store.build(sorted((f"t{i:06d}".encode(), b"noun,v1") for i in range(50_000)), path, "v1")
+    done = subprocess.run([sys.executable, "-c", READER_AFTER_A_CUT, str(path)],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == -signal.SIGBUS, (done.returncode, done.stdout, done.stderr)
+    assert done.stdout == "before: noun,v1\n"
 
 
 def test_the_refresh_record_tells_workers_which_store(tmp_path: Path):
