@@ -151,7 +151,10 @@ def refresh(cfg: Config, path: str, timeout: float, show: Show) -> RefreshResult
                  f"{info.validate_seconds:.2f}s")
             show("checking", at(), f"the app's import and smoke checks against it, in a "
                  f"child with master {master}'s environment")
+            checking = time.monotonic()
             check_app(cfg, info.path, master, timeout, lambda: bool(noted))
+            show("checked", at(), f"the app imported it and passed its smoke checks in "
+                 f"{time.monotonic() - checking:.2f}s")
             if noted:
                 raise HotswapError(f"interrupted by {noted[0]} before the switch",
                                    ExitCode.RELOAD_FAILED)
