@@ -91,16 +91,35 @@ def test_the_refresh_record_tells_workers_which_store(tmp_path: Path):
     assert StoreSwitch.read(tmp_path) == orphan
 
 
-def test_a_refresh_killed_after_its_commit_point_is_finished(tmp_path: Path):
+def killed_refresh(tmp_path: Path, phase: Phase) -> tuple[config.Config, StoreSwitch]:
+    """An instance folder (nothing running) whose refresh v1 -> v2 was killed in `phase`."""
     shutil.copy(REPO / "srv.ini", tmp_path / "srv.ini")
     cfg = config.load(tmp_path / "srv.ini")
     cfg.run_dir.mkdir()
-    new = tmp_path / "terms-v2.lmdb"
-    store.build([(b"a", b"x")], new, "v2")
+    old, new = tmp_path / "terms-v1.lmdb", tmp_path / "terms-v2.lmdb"
+    for path, version in ((old, "v1"), (new, "v2")):
+        store.build([(b"a", version.encode())], path, version)
+    store.point(tmp_path / "current", new)
     dead = subprocess.Popen(["true"])
     dead.wait()
-    StoreSwitch(Phase.COMMITTED, str(tmp_path / "current"), "/old", "v1", "a", str(new),
-                "v2", "b", dead.pid).write(cfg.run_dir)
+    record = StoreSwitch(phase, str(tmp_path / "current"), str(old), "v1", "a", str(new),
+                         "v2", "b", dead.pid)
+    record.write(cfg.run_dir)
+    return cfg, record
+
+
+def test_a_refresh_killed_before_its_commit_point_is_undone(tmp_path: Path):
+    cfg, record = killed_refresh(tmp_path, Phase.SWITCHING)
+    started = time.monotonic()
+    assert "rolled back the refresh to store v2" in repair_switch(cfg)[0]
+    assert time.monotonic() - started < 5  # no worker to wait for
+    assert os.readlink(tmp_path / "current") == "terms-v1.lmdb"
+    assert StoreSwitch.read(cfg.run_dir).phase is Phase.ROLLED_BACK
+
+
+def test_a_refresh_killed_after_its_commit_point_is_finished(tmp_path: Path):
+    cfg, record = killed_refresh(tmp_path, Phase.COMMITTED)
+    new = Path(record.new_path)
     store_state.Fallback("/x", "v0", "size", "/old", "v1", "p", 1, "t").write(cfg.run_dir)
     assert "finished the refresh to store v2" in repair_switch(cfg)[0]
     assert StoreSwitch.read(cfg.run_dir).phase is Phase.DONE

@@ -78,7 +78,9 @@ def switch_back(cfg: Config, record: StoreSwitch, timeout: float) -> bool:
     record.write(cfg.run_dir)
     store.point(record.pointer, record.old_path)
     signal_switch(cfg)
-    back = wait_switched(cfg, record.old_path, record.old_sha256, timeout)
+    # no worker (nothing runs): the pointer is all there is to put back
+    back = wait_switched(cfg, record.old_path, record.old_sha256, timeout) \
+        if live_workers(cfg) else {}
     if back is not None:
         record.to(Phase.ROLLED_BACK).write(cfg.run_dir)
     return back is not None
