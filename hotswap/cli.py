@@ -105,7 +105,8 @@ def start(ctx: Context, exec_mode: bool | None) -> None:
     lock_fd, removed = inst.prepare_start(cfg)
     for path in removed:
         click.echo(here(f"hotswap: removed stale {path}"), err=True)
-    env = dict(os.environ, HOTSWAP_PYTHON=sys.executable)
+    # the run dir as the CLI resolved it: the store's worker reports go there (live_store.py)
+    env = dict(os.environ, HOTSWAP_PYTHON=sys.executable, HOTSWAP_RUN_DIR=str(cfg.run_dir))
     if "NOTIFY_SOCKET" in env:
         # The accepting hook notifies systemd, when worker 1 really accepts; uWSGI's own
         # READY=1 (master up, app maybe not) must not reach it.
@@ -189,8 +190,9 @@ def reload_cmd(ctx: Context, timeout: float, drain_timeout: float, force: bool,
 def refresh_cmd(ctx: Context, store_path: str, timeout: float, as_json: bool) -> None:
     """Switch every worker to the data store STORE, without new processes (store mode).
 
-    Exit 1: STORE failed validation (the old store still serves); 2: no such file, or the
-    service is not in store mode; 5: a worker did not switch in time (switched back)."""
+    Exit 1: STORE failed validation or the app's smoke checks, or SIGINT/SIGTERM came before
+    the commit point (the old store still serves); 2: no such file, or the service is not in
+    store mode; 5: a worker did not switch in time (switched back)."""
     def show(phase: str, at: float, detail: str) -> None:
         if not as_json:
             click.echo(f"  [{at:7.2f}s] {phase:<12} {detail}")

@@ -103,12 +103,21 @@ def parse_smoke(text: str) -> list[Smoke]:
     return checks
 
 
+# Outside uWSGI, `hotswap refresh`'s app check (releases/app_check.py) passes the ini's
+# values here as JSON, so the app runs the same smoke checks as in a master.
+INI_OPTIONS_ENV = "HOTSWAP_INI_OPTIONS"
+
+
 def ini_option(key: str) -> str | None:
-    """An srv.ini value as uWSGI parsed it; None outside uWSGI or when unset."""
+    """An srv.ini value as uWSGI parsed it; None outside uWSGI (and the app check) or when
+    unset."""
     try:
         import uwsgi  # type: ignore[import-not-found]
     except ImportError:
-        return None
+        try:
+            return json.loads(os.environ.get(INI_OPTIONS_ENV) or "{}").get(key)
+        except (ValueError, AttributeError):
+            return None
     value = uwsgi.opt.get(key)
     if isinstance(value, list):
         value = value[-1]

@@ -1,7 +1,8 @@
 """The memory-mapped store: its format, its builder, its validation, and the worker reports.
 
 One store is one LMDB file (`subdir=False`) per data version, e.g. `data/store/terms-v2.lmdb`,
-never modified once renamed into place. It holds two named databases:
+never modified once renamed into place (and read-only from then on: store_state.py says
+what happens when one is changed anyway). It holds two named databases:
 
 - `terms`: term -> tags (UTF-8), in key order;
 - `meta`:  format, version, entries, sha256.
@@ -45,6 +46,7 @@ TERMS_DB = b"terms"
 META_KEYS = ("format", "version", "entries", "sha256")
 SUFFIX = ".lmdb"
 REPORT_DIR = "store-workers"
+PUBLISHED_MODE = 0o444
 # Entries hashed per sha256.update(): fewer calls into C is what makes the pass fast.
 HASH_BATCH = 50_000
 
@@ -201,6 +203,9 @@ def build(pairs: Iterable[tuple[bytes, bytes]], output: str | os.PathLike, versi
             env.sync(True)
         finally:
             env.close()
+        # Published means immutable: read-only before the rename, so nothing the kit runs
+        # (and no careless writer without root) changes a file some worker maps.
+        os.chmod(tmp, PUBLISHED_MODE)
         os.replace(tmp, output)
     return digest
 

@@ -1,44 +1,53 @@
-"""`hotswap refresh STORE`: a data-only release, without new processes.
+"""`hotswap refresh STORE`: a data-only release, without new processes, with a commit point.
 
 1. preflight: a live master, no swap in progress (the reload lock: a refresh and a reload
-   exclude each other), every worker in store mode (each has a report, hotswap/protocol/store.py);
-2. validate the named store once, in a child process (a store bad enough to crash LMDB kills
-   the child, not the CLI), before any worker sees it; a bad store changes nothing;
-3. point the workers' pointer (data/store/current) at it, so a later reload or restart
-   serves the same data, then write `<run_dir>/store.switch`: the master's file monitor
+   exclude each other), a refresh killed earlier undone or finished (swap/store_switch.py),
+   every worker in store mode (each has a report, hotswap/protocol/store.py);
+2. validate the named store in a child process (a store bad enough to crash LMDB kills the
+   child, not the CLI), then import the app against it in another child (app_check.py: the
+   app's own validation and smoke checks, those a reload runs); a refused store changes
+   nothing;
+3. SWITCHING (hotswap/protocol/store_record.py, written first): point the workers' pointer
+   (data/store/current) at it, then write `<run_dir>/store.switch`: the master's file monitor
    raises a uWSGI signal in every worker, which switches between two requests
    (hotswap/inside/live_store.py);
 4. wait until every worker of the live master reports the new store (each worker writes its
-   own report; none is inferred from another). Past --timeout, the pointer goes back and the
-   workers are switched back (exit 5).
+   own report; none is inferred from another), then COMMITTED: the commit point.
+
+Before the commit point, a timeout (exit 5), SIGINT or SIGTERM (exit 1; the handlers only
+note it) points back and switches every worker back; after it, the refresh finishes. A
+SIGKILL leaves the record, which the workers, `recover` and the next refresh/reload follow.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..config import Config
 from ..errors import ExitCode, HotswapError
-from ..inside.live_store import SWITCH_FILE
 from ..protocol import store
+from ..protocol.store_record import Phase, StoreSwitch
 from ..service.instance import find_masters
-from ..swap import probe
 from ..swap.lock import reload_lock
-from ..system import files, procs, stats
-
-# An idle worker waiting for uWSGI's thunder lock (srv.ini: thunder-lock) cannot read its
-# signal until the lock holder lets go, which an idle holder only does after a request: while
-# some worker has not reported, a health request every NUDGE_INTERVAL moves the lock on.
-NUDGE_INTERVAL = 0.01
-# Reading the stats socket costs the master work; the worker set changes rarely.
-STATS_INTERVAL = 0.1
+from ..swap.store_switch import (
+    finish,
+    live_workers,
+    repair_switch,
+    signal_switch,
+    switch_back,
+    wait_switched,
+)
+from ..system import files
+from .app_check import check_app, run_child
 
 Show = Callable[[str, float, str], None]
 
@@ -62,20 +71,17 @@ class RefreshResult:
     validate_seconds: float = 0.0
     switch_seconds: float = 0.0  # from the signal until every worker reported
     workers: list[WorkerSwitch] = field(default_factory=list)
+    interrupted: str | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
 
 
-def validate_in_child(path: Path, timeout: float) -> store.StoreInfo:
+def validate_in_child(path: Path, timeout: float, stop: Callable[[], bool]
+                      ) -> store.StoreInfo:
     """StoreInfo of `path`, or HotswapError(RELOAD_FAILED) with the validator's one line."""
-    try:
-        done = subprocess.run([sys.executable, "-m", "hotswap.protocol.store", "validate",
-                               str(path)], capture_output=True, text=True, timeout=timeout,
-                              check=False)
-    except subprocess.TimeoutExpired:
-        raise HotswapError(f"validating {path} took over {timeout:g}s",
-                           ExitCode.TIMEOUT) from None
+    done = run_child([sys.executable, "-m", "hotswap.protocol.store", "validate", str(path)],
+                     timeout, stop, what=f"validating {path}")
     if done.returncode == 0:
         return store.StoreInfo(**json.loads(done.stdout))
     if done.returncode < 0:
@@ -83,11 +89,6 @@ def validate_in_child(path: Path, timeout: float) -> store.StoreInfo:
     else:
         reason = (done.stderr.strip().splitlines() or ["no detail"])[-1]
     raise HotswapError(f"store refused: {reason}", ExitCode.RELOAD_FAILED)
-
-
-def live_workers(cfg: Config) -> list[int]:
-    document = stats.read(cfg.stats_socket)
-    return [w["pid"] for w in stats.workers(document or {}) if w.get("pid")]
 
 
 def preflight(cfg: Config) -> tuple[list[int], dict[int, store.WorkerReport]]:
@@ -107,38 +108,21 @@ def preflight(cfg: Config) -> tuple[list[int], dict[int, store.WorkerReport]]:
     return pids, reports
 
 
-def signal_switch(cfg: Config) -> float:
-    """Modify the watched file in place (a rename would end the master's inotify watch)."""
-    with open(cfg.run_dir / SWITCH_FILE, "w") as handle:
-        handle.write(f"{time.time()}\n")
-    return time.monotonic()
-
-
-def wait_switched(cfg: Config, info: store.StoreInfo, timeout: float
-                  ) -> dict[int, store.WorkerReport] | None:
-    """Every worker's report once all name `info`'s store (asked of each pid), else None."""
-    last_nudge = last_stats = time.monotonic()
-    pids = live_workers(cfg)
-
-    def switched(of: list[int]) -> bool:
-        reports = store.read_reports(cfg.run_dir, of)
-        return bool(of) and len(reports) == len(of) and all(
-            r.sha256 == info.sha256 and r.path == info.path for r in reports.values())
-
-    def all_switched() -> dict[int, store.WorkerReport] | None:
-        nonlocal last_nudge, last_stats, pids
-        if time.monotonic() - last_stats > STATS_INTERVAL:
-            pids, last_stats = live_workers(cfg), time.monotonic()
-        if switched(pids):
-            pids, last_stats = live_workers(cfg), time.monotonic()  # exact: ask again
-            if switched(pids):
-                return store.read_reports(cfg.run_dir, pids)
-        if time.monotonic() - last_nudge > NUDGE_INTERVAL:
-            probe.healthz(cfg.http_socket, timeout=1.0, path=cfg.health_path)
-            last_nudge = time.monotonic()
-        return None
-
-    return procs.wait_until(all_switched, timeout, interval=0.002)
+@contextmanager
+def noting_interrupts(noted: list[str]) -> Iterator[None]:
+    """SIGINT and SIGTERM are only noted (each step reads `noted`); the handlers go back
+    after. A signal must never cut the refresh between two of its acts."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    for signum in previous:
+        signal.signal(signum, lambda sig, _frame: noted.append(signal.Signals(sig).name))
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def refresh(cfg: Config, path: str, timeout: float, show: Show) -> RefreshResult:
@@ -150,60 +134,81 @@ def refresh(cfg: Config, path: str, timeout: float, show: Show) -> RefreshResult
     target = Path(path).absolute()
     if not target.is_file():
         raise HotswapError(f"no store at {target}", ExitCode.CONFIG)
-    with reload_lock(cfg, "refresh"):
+    noted: list[str] = []
+    with reload_lock(cfg, "refresh"), noting_interrupts(noted):
+        for action in repair_switch(cfg):
+            show("preflight", at(), f"repaired: {action}")
         pids, before = preflight(cfg)
         old = next(iter(before.values()))
         show("preflight", at(), f"{len(pids)} workers serve store {old.version} "
              f"({old.path})")
-        show("validating", at(), str(target))
+        master = find_masters(cfg).live  # a /proc scan: not inside the timed switch
         try:
-            info = validate_in_child(target, timeout)
+            show("validating", at(), str(target))
+            info = validate_in_child(target, timeout, lambda: bool(noted))
+            show("validated", at(), f"version {info.version}, {info.entries} entries, "
+                 f"{info.size_bytes / 1e6:.1f} MB, sha256 {info.sha256[:12]} in "
+                 f"{info.validate_seconds:.2f}s")
+            show("checking", at(), f"the app's import and smoke checks against it, in a "
+                 f"child with master {master}'s environment")
+            checking = time.monotonic()
+            check_app(cfg, info.path, master, timeout, lambda: bool(noted))
+            show("checked", at(), f"the app imported it and passed its smoke checks in "
+                 f"{time.monotonic() - checking:.2f}s")
+            if noted:
+                raise HotswapError(f"interrupted by {noted[0]} before the switch",
+                                   ExitCode.RELOAD_FAILED)
         except HotswapError as error:
             show("refused", at(), f"{error.message}; {old.version} still serves")
             return RefreshResult(False, int(error.code), f"{error.message}; store "
-                                 f"{old.version} still serves", at(), old.version)
-        show("validated", at(), f"version {info.version}, {info.entries} entries, "
-             f"{info.size_bytes / 1e6:.1f} MB, sha256 {info.sha256[:12]} in "
-             f"{info.validate_seconds:.2f}s")
-        master = find_masters(cfg).live  # a /proc scan: not inside the timed switch
+                                 f"{old.version} still serves", at(), old.version,
+                                 interrupted=noted[0] if noted else None)
+        record = StoreSwitch(Phase.SWITCHING, old.pointer, old.path, old.version, old.sha256,
+                             info.path, info.version, info.sha256, os.getpid(), time.time())
+        record.write(cfg.run_dir)  # before the pointer moves: a kill from here is undone
         store.point(old.pointer, info.path)
         signalled = signal_switch(cfg)
         show("switching", at(), f"{old.pointer} -> {os.path.basename(info.path)}; "
              f"signalled the workers of master {master}")
-        reports = wait_switched(cfg, info, timeout)
+        reports = wait_switched(cfg, info.path, info.sha256, timeout, lambda: bool(noted))
         if reports is None:
-            return roll_back(cfg, old, info, at, timeout, show)
+            return roll_back(cfg, record, noted, at, timeout, show)
         switch_seconds = time.monotonic() - signalled
-        signalled_wall = time.time() - switch_seconds
+        record = record.to(Phase.COMMITTED)
+        record.write(cfg.run_dir)  # the commit point: from here the refresh finishes
+        finish(cfg, record)
+        signalled_wall = time.time() - (time.monotonic() - signalled)
         workers = [WorkerSwitch(pid, before[pid].version if pid in before else "(new)",
                                 r.version, round(max(0.0, r.opened_at - signalled_wall)
                                                  * 1000, 1))
                    for pid, r in sorted(reports.items())]
-        store.remove_dead_reports(cfg.run_dir)
-        show("done", at(), f"{len(workers)}/{len(workers)} workers serve {info.version}")
+        show("done", at(), f"{len(workers)}/{len(workers)} workers serve {info.version}"
+             + (f" (committed before {noted[0]} arrived)" if noted else ""))
     return RefreshResult(True, ExitCode.OK, f"store {old.version} -> {info.version} on "
                          f"{len(workers)} workers", at(), old.version, info.version,
-                         info.validate_seconds, round(switch_seconds, 4), workers)
+                         info.validate_seconds, round(switch_seconds, 4), workers,
+                         noted[0] if noted else None)
 
 
-def roll_back(cfg: Config, old: store.WorkerReport, info: store.StoreInfo,
-              at: Callable[[], float], timeout: float, show: Show) -> RefreshResult:
-    pids = live_workers(cfg)
-    reports = store.read_reports(cfg.run_dir, pids)
-    stuck = [p for p in pids if p not in reports or reports[p].sha256 != info.sha256]
-    show("rolling-back", at(), f"worker {', '.join(map(str, stuck))} did not switch "
-         f"within {timeout:g}s; pointing back to {old.version}")
-    store.point(old.pointer, old.path)
-    signal_switch(cfg)
-    old_info = store.StoreInfo(old.path, old.version, 0, old.sha256, 0, 0.0)
-    back = wait_switched(cfg, old_info, timeout)
-    message = (f"worker {', '.join(map(str, stuck))} did not switch to {info.version} "
-               f"within {timeout:g}s; " + (f"store {old.version} serves again" if back
-                                           else "the workers may serve mixed versions"))
+def roll_back(cfg: Config, record: StoreSwitch, noted: list[str], at: Callable[[], float],
+              timeout: float, show: Show) -> RefreshResult:
+    if noted:
+        cause = f"interrupted by {noted[0]} before the commit point"
+    else:
+        pids = live_workers(cfg)
+        reports = store.read_reports(cfg.run_dir, pids)
+        stuck = [p for p in pids if p not in reports or reports[p].path != record.new_path]
+        cause = (f"worker {', '.join(map(str, stuck))} did not switch to "
+                 f"{record.new_version} within {timeout:g}s")
+    show("rolling-back", at(), f"{cause}; pointing back to {record.old_version}")
+    back = switch_back(cfg, record, timeout)
+    message = f"{cause}; " + (f"store {record.old_version} serves again" if back else
+                              "the workers may serve mixed versions: `hotswap recover`")
     show("failed", at(), message)
-    return RefreshResult(False, int(ExitCode.TIMEOUT if back else ExitCode.INCONSISTENT),
-                         message, at(), old.version, info.version, info.validate_seconds)
-
+    code = (ExitCode.RELOAD_FAILED if noted else ExitCode.TIMEOUT) if back \
+        else ExitCode.INCONSISTENT
+    return RefreshResult(False, int(code), message, at(), record.old_version,
+                         record.new_version, interrupted=noted[0] if noted else None)
 
 def record(cfg: Config, result: RefreshResult) -> None:
     """Kept beside last-reload.json for `status` and post-mortems."""

@@ -13,11 +13,12 @@ from pathlib import Path
 
 from ..config import Config
 from ..errors import ExitCode, HotswapError
-from ..protocol import fifo, record, store
+from ..protocol import fifo, record, store, store_record
 from ..swap import drift, probe
 from ..swap.host import RealHost
 from ..swap.lock import hold_instance_lock, holder, reload_lock
 from ..swap.repair import abort_generation, reattach_fifos, repair
+from ..swap.store_repair import repair_store, store_problems
 from ..system import files, memory, procs, stats
 
 
@@ -59,8 +60,10 @@ def clear_stale_files(cfg: Config) -> list[Path]:
     """Remove what a dead instance left behind; call only after ensure_not_running()."""
     removed = [path for path in (cfg.fifo_live, cfg.fifo_standby) if fifo.remove_if_stale(path)]
     store.remove_dead_reports(cfg.run_dir)  # one per worker that ever mapped a store
+    # a refresh killed before a stop: no worker is left to agree with, and the new master
+    # validates whatever the pointer names
     for path in (cfg.http_socket, cfg.stats_socket, cfg.pidfile,
-                 cfg.run_dir / record.RECORD_NAME):
+                 cfg.run_dir / record.RECORD_NAME, cfg.run_dir / store_record.RECORD_NAME):
         try:
             path.unlink()
             removed.append(path)
@@ -130,11 +133,13 @@ def begin_stop(cfg: Config) -> tuple[list[int], list[int]]:
 def recover(cfg: Config) -> str:
     """Repair the instance after an interrupted swap (e.g. `hotswap reload` SIGKILLed): a
     generation left loading is rolled back (or, if its hand-over had committed, finished), a
-    parked master is retired if another serves, or moved back to the live FIFO if none does.
+    parked master is retired if another serves, or moved back to the live FIFO if none does;
+    after a store fallback, `current` is pointed at the store the workers fell back to.
     Returns what it did."""
     with reload_lock(cfg, "recover"):
         report = repair(RealHost(cfg))
-    lines = [*report.actions, *(f"warning: {w}" for w in report.warnings)]
+        store_actions = repair_store(cfg)
+    lines = [*report.actions, *store_actions, *(f"warning: {w}" for w in report.warnings)]
     if report.draining:
         lines.append(f"old master {report.draining} is draining its in-flight requests and "
                      "exits on its own")
@@ -240,4 +245,5 @@ def problems(cfg: Config, host: RealHost, master: int, health: dict | None,
         busy = sum(w["status"] == "busy" for w in stats.workers(document or {}))
         found.append(f"master {master} runs, but {cfg.health_path} does not answer" + (
             f" ({busy} workers busy with requests)" if busy else "") + ": see the log")
+    found.extend(store_problems(cfg.run_dir))
     return found

@@ -50,6 +50,7 @@ from . import probe
 from .host import Host, RealHost, Slot
 from .lock import reload_lock
 from .repair import Repair, abort_generation, exited, finish_committed, repair, wait
+from .store_switch import repair_switch
 
 # The serving generation's health path, asked before anything changes.
 HEALTH_TIMEOUT = 5.0
@@ -522,6 +523,15 @@ def reload(cfg: Config, timeout: float, drain_timeout: float,
         for name in early.take():  # landed while the CLI imported: before anything changed
             machine.interrupt(name)
     if lock_held:
-        return machine.run()
+        return _repaired_then_run(cfg, machine, on_phase)
     with reload_lock(cfg, "start another"):
-        return machine.run()
+        return _repaired_then_run(cfg, machine, on_phase)
+
+
+def _repaired_then_run(cfg: Config, machine: Reload,
+                       on_phase: Callable[[Phase, float, str], None]) -> ReloadResult:
+    """A refresh killed halfway is undone first: the new generation opens what the pointer
+    names, which must be a store every worker agreed on."""
+    for action in repair_switch(cfg):
+        on_phase(Phase.PREFLIGHT, 0.0, f"repaired: {action}")
+    return machine.run()
