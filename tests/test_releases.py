@@ -6,7 +6,11 @@ leaves the layout serving a good release.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -129,3 +133,103 @@ def test_prune_never_deletes_protected_releases(tmp_path: Path):
     gone = release.prune(layout, keep=1, protect={"20260101-000000-000-a"})
     assert gone == ["20260102-000000-000-b", "20260103-000000-000-c"]
     assert layout.ids() == ["20260101-000000-000-a", "20260104-000000-000-d"]
+
+
+# -- deploys clean up after themselves (issue 28) ----------------------------------------------
+def history(svc: LayoutService) -> list[dict]:
+    return release.history(release.Layout(svc.root))
+
+
+def test_a_deploy_refused_in_the_preflight_leaves_no_rollback_target(svc: LayoutService):
+    """No room (the reload's preflight, exit 7): the copy is removed, the history says
+    "refused", and neither rollback nor --keep ever counts it."""
+    before, ids = svc.current(), [r["id"] for r in svc.releases()]
+    with LoadGenerator(str(svc.socket), CONNECTIONS, lookup_paths(svc), max_seconds=60) as load:
+        done = svc.cli("deploy", str(svc.source("v7-no-room")),
+                       env={"HOTSWAP_MEMORY_MARGIN": "100000000"})
+    assert done.returncode == 7, done.stdout + done.stderr
+    line = done.stderr.splitlines()[0]
+    assert line.startswith("hotswap: deploy FAILED") and "not enough memory" in line, line
+    assert line.endswith(f"current still {before}"), line
+    assert svc.current() == before and [r["id"] for r in svc.releases()] == ids
+    last = history(svc)[-1]
+    assert (last["outcome"], last["ok"], last["exit_code"]) == ("refused", False, 7), last
+    assert last["release"].endswith("-v7-no-room")
+    summary = summarize(load.records)
+    assert summary["failed"] == 0, summary
+
+
+def test_bad_margins_are_refused_with_one_line(svc: LayoutService):
+    for args, env in ((["reload", "--memory-margin", "inf"], {}),
+                      (["deploy", "--memory-margin", "nan", str(svc.src / "v1")], {}),
+                      (["rollback"], {"HOTSWAP_MEMORY_MARGIN": "-5"})):
+        done = svc.cli(*args, env=env)
+        assert done.returncode == 2, (args, done.stderr)
+        assert len(done.stderr.splitlines()) == 1 and "finite percentage" in done.stderr, \
+            done.stderr
+
+
+def test_the_next_deploy_removes_what_a_killed_one_left(svc: LayoutService):
+    """A deploy SIGKILLed mid-copy leaves releases/<id>.tmp.<pid>: gone at the next deploy
+    once that pid is gone, kept while it lives (it may still be copying)."""
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    dead = svc.root / "releases" / f"20260101-000000-000-killed.tmp.{gone.pid}"
+    (dead / "data").mkdir(parents=True)
+    (dead / "data" / "terms.tsv").write_bytes(b"x" * 100_000)
+    alive = svc.root / "releases" / f"20260101-000000-000-copying.tmp.{os.getpid()}"
+    alive.mkdir()
+    try:
+        done = svc.cli("deploy", "--json", str(svc.source("v8")))
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert json.loads(done.stdout)["swept"] == [dead.name]
+        assert not dead.exists() and alive.exists()
+    finally:
+        shutil.rmtree(alive, ignore_errors=True)
+
+
+def test_a_current_that_is_not_a_link_is_named_with_its_fix(tmp_path: Path):
+    """A regular file or a dangling link at ROOT/current: every command says so and names
+    the command that fixes it (exit 2), never "(the first release)" nor a realpath error."""
+    root = tmp_path / "app"
+    hotswap = [sys.executable, "-m", "hotswap", "--ini", str(root / "hotswap.ini")]
+    release.init(root, None, None)
+    good = "20260101-000000-000-v1"
+    (root / "releases" / good).mkdir()
+    (root / "current").write_text("releases/" + good)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "srv.ini").write_text("[uwsgi]\n")
+    for what, commands in (("a regular file, not a link to a release",
+                             (["status"], ["deploy", str(src)])),
+                            ("a dangling link", (["rollback"], ["deploy", str(src)]))):
+        for args in commands:
+            done = subprocess.run([*hotswap, *args], capture_output=True, text=True,
+                                  timeout=60, check=False)
+            assert done.returncode == 2, (args, done.stdout, done.stderr)
+            assert done.stderr.count("\n") == 1 and what in done.stderr, done.stderr
+            assert f"ln -sfn releases/{good} {root / 'current'}" in done.stderr
+            assert "first release" not in done.stdout + done.stderr
+        (root / "current").unlink()
+        (root / "current").symlink_to("releases/20260101-000000-000-deleted")
+    assert release.Layout(root).ids() == [good]
+
+
+def test_releases_no_deploy_made_serve_are_no_target_and_take_no_slot(tmp_path: Path):
+    layout = release.Layout(tmp_path)
+    a, b, bad, c = ("20260101-000000-000-a", "20260102-000000-000-b",
+                    "20260103-000000-000-bad", "20260104-000000-000-c")
+    for name in (a, b, bad, c):
+        (layout.releases / name).mkdir(parents=True)
+    layout.history_file.parent.mkdir()
+    lines = [{"action": "deploy", "ok": True, "release": a, "previous": None},
+             {"action": "deploy", "ok": True, "release": b, "previous": a},
+             {"action": "deploy", "ok": False, "outcome": "refused", "release": bad,
+              "previous": b},
+             {"action": "deploy", "ok": True, "release": c, "previous": b}]
+    layout.history_file.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert release.never_served(layout) == {bad}
+    assert release.good_ids(layout) == [a, b, c]
+    # --keep 2: c and b stay (b served before c); the refused one takes no slot
+    assert release.prune(layout, keep=2, protect={c}) == [a, bad]
+    assert layout.ids() == [b, c]
