@@ -498,9 +498,10 @@ def releases_cmd(ctx: Context, as_json: bool) -> None:
               help="Reload when `current` is flipped by someone else to a release that does "
               "not serve.")
 @click.option("-v", "--verbose", is_flag=True, help="Also log each change seen in DROP.")
+@with_memory_options
 @pass_context
 def watch_cmd(ctx: Context, drop: Path | None, quiet: float, keep: int, follow_current: bool,
-              verbose: bool) -> None:
+              verbose: bool, force: bool, memory_margin: float) -> None:
     """Deploy or refresh what lands in DROP (default ROOT/drop), one action at a time; reload
     when `current` is flipped to a release that does not serve."""
     layout = rel.layout_of(ctx.cfg)
@@ -519,9 +520,10 @@ def watch_cmd(ctx: Context, drop: Path | None, quiet: float, keep: int, follow_c
     def log(line: str) -> None:
         click.echo(f"hotswap watch: {line}")
 
-    runner = watcher.CliRunner(ctx.cfg, ["--keep", str(keep)], follow_current)
+    swap_args = ["--memory-margin", repr(memory_margin), *(["--force"] if force else [])]
+    runner = watcher.CliRunner(ctx.cfg, ["--keep", str(keep)], follow_current, swap_args)
     loop = watcher.Watcher(watcher.Planner(drop, quiet), runner, log, verbose=verbose,
-                           link=layout.current)
+                           link=layout.current, scan=drop.iterdir)
     tick_ms = int(min(500, max(50, quiet * 250)))
     loop.run(watcher.inotify_batches(drop, stop, tick_ms), stop)
     log(f"stopped ({', '.join(received) or 'watch ended'})")

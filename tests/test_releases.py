@@ -6,11 +6,13 @@ leaves the layout serving a good release.
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -233,3 +235,27 @@ def test_releases_no_deploy_made_serve_are_no_target_and_take_no_slot(tmp_path: 
     # --keep 2: c and b stay (b served before c); the refused one takes no slot
     assert release.prune(layout, keep=2, protect={c}) == [a, bad]
     assert layout.ids() == [b, c]
+
+
+def test_cut_archives_are_refused_in_one_line(svc: LayoutService, tmp_path: Path):
+    """A .tgz cut short, and a plain tar cut at a member boundary (which tarfile would
+    unpack as a valid, shorter release): exit 2, one line, nothing deployed."""
+    before, ids = svc.current(), [r["id"] for r in svc.releases()]
+    whole = tmp_path / "whole.tar"
+    with tarfile.open(whole, "w") as archive:
+        archive.add(svc.src / "v1", arcname="v1")
+    data = whole.read_bytes()
+    with tarfile.open(whole) as archive:
+        offsets = [member.offset for member in archive.getmembers()]
+    cut_tar, cut_tgz = tmp_path / "cut.tar", tmp_path / "cut.tgz"
+    cut_tar.write_bytes(data[:offsets[-1]])  # every member but the last, no end blocks
+    packed = gzip.compress(data)
+    cut_tgz.write_bytes(packed[:len(packed) // 2])
+    for cut in (cut_tar, cut_tgz):
+        done = svc.cli("deploy", str(cut))
+        assert done.returncode == 2, done.stdout + done.stderr
+        assert len(done.stderr.splitlines()) == 1, done.stderr
+        assert f"{cut} is not a complete archive" in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr
+    assert release.history(release.Layout(svc.root))[-1]["outcome"] == "refused"
+    assert svc.current() == before and [r["id"] for r in svc.releases()] == ids

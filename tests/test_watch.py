@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import threading
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,9 @@ class FakeRunner:
         self.watcher: Watcher | None = None
         self.target: str | None = None  # where `current` points (None: not followed)
         self.verdicts: list[Verdict] = []  # what reconcile() answers, in turn
+        self.writers: dict[str, list[int]] = {}  # entry name -> writer() answers, in turn
+        self.taken: set[str] = set()  # entries a recorded deploy already took
+        self.busy: set[str] = set()  # entries whose next run is refused as busy (exit 4)
 
     def current(self) -> str | None:
         return self.target
@@ -48,9 +52,19 @@ class FakeRunner:
     def reconcile(self) -> tuple[Verdict, str]:
         return self.verdicts.pop(0), "scripted"
 
+    def writer(self, path: Path) -> int | None:
+        answers = self.writers.get(path.name)
+        return answers.pop(0) if answers else None
+
+    def deployed(self, path: Path) -> str | None:
+        return "release r at t" if path.name in self.taken else None
+
     def run(self, action: Action) -> Outcome:
         self.actions.append(action)
         self.clock.now += 1.5  # the swap takes a while
+        if action.path.name in self.busy:
+            self.busy.discard(action.path.name)
+            return Outcome(False, 4, "hotswap: a reload is in progress (pid 9)", 0.1)
         if self.during and self.watcher:
             self.watcher.feed(self.during)
             self.during = []
@@ -67,10 +81,12 @@ def kind_by_name(path: Path) -> Kind | None:
     return Kind.DATA if path.name.endswith(".lmdb") else Kind.CODE
 
 
-def make(fail: set[str] = frozenset()) -> tuple[Watcher, FakeRunner, Clock, list[str]]:
+def make(fail: set[str] = frozenset(), found: tuple[Path, ...] = ()
+         ) -> tuple[Watcher, FakeRunner, Clock, list[str]]:
     clock, logged = Clock(), []
     runner = FakeRunner(clock, fail)
-    watcher = Watcher(Planner(DROP, QUIET, kind_by_name), runner, logged.append, clock)
+    watcher = Watcher(Planner(DROP, QUIET, kind_by_name), runner, logged.append, clock,
+                      scan=lambda: found)
     runner.watcher = watcher
     return watcher, runner, clock, logged
 
@@ -161,6 +177,48 @@ def test_a_flip_of_current_is_checked_once_after_quiet_and_reloads_only_if_neede
     runner.verdicts = [Verdict.SKIP]
     advance(watcher, clock, 10 * QUIET)
     assert len(runner.actions) == 1 and runner.verdicts == []
+
+
+def test_what_landed_while_no_watcher_ran_is_acted_on_at_start():
+    watcher, runner, clock, logged = make(found=(DROP / "b-new", DROP / "a-old"))
+    stop = threading.Event()
+
+    def batches():  # the real loop's empty batches, one per tick
+        for _ in range(int(3 * QUIET / 0.25)):
+            clock.now += 0.25
+            yield []
+
+    watcher.run(batches(), stop)
+    assert logged[1] == "found 2 entries at start: a-old, b-new"
+    assert runner.actions == [Action(Kind.CODE, DROP / "b-new", (DROP / "a-old",))]
+
+
+def test_an_entry_being_written_waits_and_a_deployed_one_is_only_removed():
+    watcher, runner, clock, logged = make()
+    runner.writers = {"rel.tar": [4242, 4242]}  # still open for writing twice, then closed
+    watcher.feed([DROP / "rel.tar"])
+    advance(watcher, clock, 2 * QUIET + 1)
+    assert runner.actions == []
+    assert [line for line in logged if "4242" in line] == [
+        f"{DROP / 'rel.tar'}: pid 4242 still writes it: waiting until it is done"]
+    advance(watcher, clock, QUIET + 0.5)
+    assert [a.path.name for a in runner.actions] == ["rel.tar"]
+    runner.taken = {"again"}
+    watcher.feed([DROP / "again"])
+    advance(watcher, clock, QUIET + 0.5)
+    assert [a.path.name for a in runner.actions] == ["rel.tar"]
+    assert runner.discarded == [DROP / "rel.tar", DROP / "again"]
+
+
+def test_a_deploy_refused_as_busy_is_tried_again():
+    watcher, runner, clock, logged = make()
+    runner.busy = {"rel"}
+    watcher.feed([DROP / "rel"])
+    advance(watcher, clock, QUIET + 0.5)
+    assert "busy (exit 4)" in logged[-1]
+    advance(watcher, clock, QUIET + 2)
+    assert [a.path.name for a in runner.actions] == ["rel", "rel"]
+    assert runner.discarded == [DROP / "rel"]
 
 
 def test_classify_real_entries(tmp_path: Path):

@@ -25,6 +25,7 @@ back. The old release serves throughout.
 from __future__ import annotations
 
 import json
+import lzma
 import os
 import re
 import shutil
@@ -34,6 +35,7 @@ import sys
 import tarfile
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -197,6 +199,24 @@ def stage(layout: Layout, source: Path, release_id: str | None = None) -> str:
     return release_id
 
 
+def fingerprint(source: Path) -> str | None:
+    """Inode, mtime and size: the same entry of a drop folder, unchanged (None: gone)."""
+    try:
+        st = source.stat()
+    except OSError:
+        return None
+    return f"{st.st_ino}:{st.st_mtime_ns}:{st.st_size}"
+
+
+def deployed(layout: Layout, source: Path) -> dict | None:
+    """The history's successful deploy of `source` as it is now, if there is one."""
+    stat = fingerprint(source)
+    for record in reversed(history(layout)):
+        if record.get("source") == str(source) and record.get("source_stat") == stat:
+            return record if record.get("ok") and stat else None
+    return None
+
+
 def refuse_source(source: Path) -> None:
     """Bad usage, refused before anything is locked, copied or recorded."""
     if not source.exists():
@@ -226,11 +246,37 @@ def sweep(layout: Layout) -> list[str]:
     return swept
 
 
+# What a cut archive raises, by compression: tar's own, gzip's, bzip2's, xz's.
+UNREADABLE = (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError)
+
+
+def incomplete(tarball: Path) -> str | None:
+    """Why `tarball` is not a whole archive (None: it is). A tar cut at a member boundary
+    reads as a valid, shorter archive, so the proof is its end: the two zero blocks tar
+    writes after the last member, and a compressed stream that reads to its end marker."""
+    try:
+        with tarfile.open(tarball, "r:*") as archive:
+            archive.getmembers()
+            archive.fileobj.seek(archive.offset)
+            end = archive.fileobj.read(2 * tarfile.BLOCKSIZE)
+            while archive.fileobj.read(1 << 20):
+                pass  # up to the compressed stream's own end (gzip checks its trailer)
+    except UNREADABLE as exc:
+        return str(exc) or type(exc).__name__
+    if len(end) < 2 * tarfile.BLOCKSIZE or end.count(0) != len(end):
+        return "it ends without tar's end-of-archive blocks"
+    return None
+
+
 def _unpack(tarball: Path, into: Path) -> None:
+    cut = incomplete(tarball)
+    if cut:
+        raise HotswapError(f"{tarball} is not a complete archive ({cut}): still being "
+                           "written, or cut short; deploy it once it is whole", ExitCode.CONFIG)
     try:
         with tarfile.open(tarball) as archive:
             archive.extractall(into, filter="data")
-    except (tarfile.TarError, OSError) as exc:
+    except UNREADABLE as exc:
         raise HotswapError(f"cannot unpack {tarball}: {exc}", ExitCode.CONFIG) from exc
     tops = list(into.iterdir())
     if len(tops) == 1 and tops[0].is_dir() and not (into / RELEASE_INI).exists():
@@ -322,6 +368,8 @@ class DeployResult:
     reload: dict | None = None
     outcome: str = Outcome.FAILED.value
     swept: list[str] = field(default_factory=list)  # debris of interrupted deploys removed
+    source: str | None = None  # what a deploy shipped, and its fingerprint() then: a
+    source_stat: str | None = None  # restarted watcher knows what its last run took
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -454,7 +502,8 @@ def deploy(ini: Path, source: Path, timeout: float, drain: float, keep: int,
     layout = layout_of(cfg)
     with reload_lock(cfg, "deploy"), _interruptible():
         result = DeployResult("deploy", False, int(ExitCode.RELOAD_FAILED), "",
-                              previous=layout.current_id(), release=new_id(source))
+                              previous=layout.current_id(), release=new_id(source),
+                              source=str(source), source_stat=fingerprint(source))
         with _attempt(result, lambda: _finish(layout, result, started, keep)):
             result.swept = sweep(layout)
             stage(layout, source, result.release)
@@ -465,7 +514,8 @@ def deploy(ini: Path, source: Path, timeout: float, drain: float, keep: int,
 
 def _first(layout: Layout, source: Path, import_check: bool, started: float) -> DeployResult:
     result = DeployResult("deploy", False, int(ExitCode.RELOAD_FAILED), "",
-                          release=new_id(source))
+                          release=new_id(source), source=str(source),
+                          source_stat=fingerprint(source))
     with _interruptible(), _attempt(result, lambda: _finish(layout, result, started, 0)):
         result.swept = sweep(layout)
         stage(layout, source, result.release)
