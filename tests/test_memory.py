@@ -9,6 +9,7 @@ only pick processes inside that cgroup, so nothing else on the machine is at ris
 
 from __future__ import annotations
 
+import mmap
 import os
 import subprocess
 import sys
@@ -248,3 +249,28 @@ def test_the_estimate_of_this_process_is_its_anonymous_memory():
     after = memory.estimate([os.getpid()])
     assert before is not None and after is not None and after - before >= 60 * MIB
     del ballast
+
+
+def test_a_file_on_tmpfs_counts_once_shared_anonymous_memory_still_counts(tmp_path: Path):
+    """Pages of a mapped file on tmpfs are Shmem to the kernel, like shared anonymous memory;
+    a new generation maps the same file (nothing new to hold), but makes its own anonymous
+    shared memory. The estimate leaves out the first and keeps the second."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or not memory.shmem_devices(os.getpid()):
+        pytest.skip("no tmpfs mounted here")
+    path = shm / f"hotswap-test-store-{os.getpid()}"
+    size = 64 * MIB
+    with open(path, "w+b") as handle:
+        handle.truncate(size)
+        try:
+            before = memory.estimate([os.getpid()])
+            with mmap.mmap(handle.fileno(), size) as mapped:
+                mapped.write(b"x" * size)  # every page resident, as a served store's
+                assert memory.rollup(os.getpid())["Pss_Shmem"] >= size
+                after = memory.estimate([os.getpid()])
+                assert after - before < 8 * MIB, (before, after)
+                with mmap.mmap(-1, size // 2) as anonymous:
+                    anonymous.write(b"y" * (size // 2))
+                    assert memory.estimate([os.getpid()]) - after >= size // 2 - 2 * MIB
+        finally:
+            path.unlink()

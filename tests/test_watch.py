@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import tarfile
 import threading
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from conftest import Lines
 from releases_util import LayoutService, lookup_paths
 
 from bench.loadgen import LoadGenerator, summarize
+from hotswap.releases import release
 from hotswap.releases.watch import Action, Kind, Outcome, Planner, Verdict, Watcher, classify
 from hotswap.system import procs
 
@@ -331,3 +333,80 @@ def test_watcher_stops_cleanly_on_sigterm(live):
     assert out.strip().splitlines()[-1] == "hotswap watch: stopped (SIGTERM)"
     assert "Traceback" not in err
     assert service.health()
+
+
+def _own_watcher(service: LayoutService, previous: Lines) -> Lines:
+    """A watcher of this test's own (the module's is stopped by now, or stopped here)."""
+    if previous.process.poll() is None:
+        os.kill(previous.process.pid, signal.SIGTERM)
+        previous.finish(timeout=60)
+    lines = Lines(service.cli_background("watch", "--quiet", str(QUIET), "--verbose"))
+    lines.wait_for("watching")
+    return lines
+
+
+@pytest.mark.slow
+def test_a_killed_watcher_leaves_its_deploy_to_finish_and_the_next_one_catches_up(live):
+    """SIGKILL to the watcher mid-deploy: the deploy (its own session, output to a file)
+    finishes and records itself; a new watcher deploys what landed meanwhile."""
+    service, previous = live
+    drop = service.root / "drop"
+    lines = _own_watcher(service, previous)
+    deployer = None
+    try:
+        with LoadGenerator(str(service.socket), 32, lookup_paths(service),
+                           max_seconds=240) as load:
+            os.rename(service.gated_source("gated"), drop / "gated")
+            lines.wait_for(f"deploy {drop / 'gated'}: running")
+            service.loading_pid()
+            deployer = int((service.run_dir / "reload.lock").read_text())
+            os.kill(lines.process.pid, signal.SIGKILL)
+            lines.process.wait(timeout=30)
+            os.rename(service.source("meanwhile"), drop / "meanwhile")
+            service.let_import_finish()
+            assert procs.wait_until(lambda: not procs.alive(deployer), 120), \
+                "the deploy died with its watcher"
+            last = history(service)[-1]
+            assert (last["action"], last["outcome"]) == ("deploy", "ok"), last
+            assert last["source"] == str(drop / "gated")
+            assert service.serving_name() == "gated"
+            lines = Lines(service.cli_background("watch", "--quiet", str(QUIET)))
+            lines.wait_for("found 2 entries at start: gated, meanwhile")
+            lines.wait_for(f"deploy {drop / 'meanwhile'}: ok", timeout=120)
+        assert service.serving_name() == "meanwhile"
+        assert not (drop / "gated").exists() and not (drop / "meanwhile").exists()
+        summary = summarize(load.records)
+        assert summary["requests"] > 100 and summary["failed"] == 0, summary
+    finally:
+        if deployer and procs.alive(deployer):
+            procs.signal_quietly(deployer, signal.SIGKILL)
+        os.kill(lines.process.pid, signal.SIGTERM)
+        lines.finish(timeout=60)
+
+
+@pytest.mark.slow
+def test_a_plain_tar_still_being_written_is_not_taken(live):
+    """A tar cut at a member boundary reads as a valid archive: while its writer holds it
+    open the watcher waits (and never removes it); once closed whole, it is deployed."""
+    service, previous = live
+    target = service.root / "drop" / "halftar.tar"
+    lines = _own_watcher(service, previous)
+    try:
+        with open(target, "wb") as handle:
+            archive = tarfile.open(fileobj=handle, mode="w")  # noqa: SIM115 - closed below
+            archive.add(service.source("halftar"), arcname="halftar")
+            handle.flush()  # every member written, not the end-of-archive blocks
+            lines.wait_for(f"{target}: pid {os.getpid()} still writes it: waiting")
+            assert not procs.wait_until(
+                lambda: count(lines, f"deploy {target}: running"), 2 * QUIET + 1), lines.lines
+            assert target.exists()
+            archive.close()
+        wait_count(lines, f"deploy {target}: ok", 1)
+        assert service.serving_name() == "halftar" and not target.exists()
+    finally:
+        os.kill(lines.process.pid, signal.SIGTERM)
+        lines.finish(timeout=60)
+
+
+def history(service: LayoutService) -> list[dict]:
+    return release.history(release.Layout(service.root))
