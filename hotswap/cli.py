@@ -259,13 +259,17 @@ def _format_status(report: dict) -> str:
     lines = []
     if report["running"]:
         health = report["health"] or {}
-        lines.append(f"running     master {report['master_pid']}, generation "
-                     f"{report['generation'] or '? (no answer on the health path)'}")
+        state = "swapping " if report.get("swapping") else "running  "
+        lines.append(f"{state}   master {report['master_pid']}, generation "
+                     f"{report['generation'] or '? (no answer on the health path)'}"
+                     + (f", serves while new master "
+                        f"{', '.join(map(str, report['loading_master_pids']))} loads"
+                        if report.get("swapping") else ""))
         if health:
             lines.append(f"loaded      {health.get('loaded_at')} in {health.get('load_seconds')}s")
     else:
         lines.append("stopped     no master serves")
-    if report["parked_master_pid"]:
+    if report["parked_master_pid"] and not report.get("swapping"):
         lines.append(f"parked      master {report['parked_master_pid']} on the standby FIFO "
                      "(retiring, or left by an interrupted swap: `hotswap recover`)")
     for pid in report["loading_master_pids"]:

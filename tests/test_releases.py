@@ -10,6 +10,7 @@ import gzip
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -21,6 +22,7 @@ from releases_util import LayoutService, lookup_paths
 
 from bench.loadgen import LoadGenerator, summarize
 from hotswap.releases import release
+from hotswap.system import procs
 
 CONNECTIONS = 32
 
@@ -98,18 +100,48 @@ def test_pruning_keeps_the_newest_and_the_serving_release(svc: LayoutService):
 
 
 def test_concurrent_deploy_is_refused(svc: LayoutService):
-    first = svc.cli_background("deploy", str(svc.gated_source("v5")))
+    gated = svc.gated_source("v5")
+    first = svc.cli_background("deploy", str(gated))
     lines = Lines(first)
     lines.wait_for("loading")
     svc.loading_pid()
     done = svc.cli("deploy", str(svc.source("v6")))
     assert done.returncode == 4, done.stdout + done.stderr
-    assert done.stderr.startswith(f"hotswap: a reload is in progress (pid {first.pid}); "
-                                  "refusing to deploy")
+    # the refusal names what holds the lock: its command, pid and command line
+    assert done.stderr == (f"hotswap: a deploy is in progress (pid {first.pid}, `hotswap "
+                           f"deploy {gated}`); refusing to deploy\n"), done.stderr
+    done = svc.cli("rollback")
+    assert done.returncode == 4 and done.stderr.startswith(
+        f"hotswap: a deploy is in progress (pid {first.pid}"), done.stderr
+    # the loading phase: the old master serves from the standby FIFO, the new one loads
+    old, loading = svc.master(), svc.loading_pid()
+    done = svc.cli("status")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.startswith(f"swapping    master {old}, generation v4+"), done.stdout
+    assert f"serves while new master {loading} loads" in done.stdout.splitlines()[0]
     svc.let_import_finish()
     code, out, err = lines.finish()
     assert code == 0, out + err
     assert svc.serving_name() == "v5" and svc.current().endswith("-v5")
+
+
+def test_a_stopped_master_is_refused_before_its_fifo_is_written(svc: LayoutService):
+    """kill -STOP: its FIFO would still take "1f" into the pipe, and the master fork on
+    `kill -CONT` with nobody watching. Refused first (exit 6); nothing forks afterwards."""
+    master, generation = svc.master(), svc.health()["generation"]
+    os.kill(master, signal.SIGSTOP)
+    try:
+        done = svc.cli("reload", "--timeout", "8")
+    finally:
+        os.kill(master, signal.SIGCONT)
+    assert done.returncode == 6, done.stdout + done.stderr
+    assert done.stderr == (f"hotswap: master {master} is stopped (state T: kill -STOP, or a "
+                           f"debugger holds it); nothing was sent to its FIFO. Resume it with "
+                           f"`kill -CONT {master}`, then reload again\n")
+    assert "forking" not in done.stdout
+    assert not procs.wait_until(lambda: procs.session_leaders_below(master), 3.0), \
+        "the resumed master forked: something reached its FIFO"
+    assert (svc.master(), svc.health()["generation"]) == (master, generation)
 
 
 def test_bad_input_one_line_and_nothing_changed(svc: LayoutService, tmp_path: Path):

@@ -17,6 +17,7 @@ from releases_util import LayoutService, lookup_paths
 from bench.loadgen import LoadGenerator, summarize
 from hotswap.releases import release
 from hotswap.releases.watch import Action, Kind, Outcome, Planner, Verdict, Watcher, classify
+from hotswap.swap import lock
 from hotswap.system import procs
 
 DROP = Path("/drop")
@@ -359,7 +360,7 @@ def test_a_killed_watcher_leaves_its_deploy_to_finish_and_the_next_one_catches_u
             os.rename(service.gated_source("gated"), drop / "gated")
             lines.wait_for(f"deploy {drop / 'gated'}: running")
             service.loading_pid()
-            deployer = int((service.run_dir / "reload.lock").read_text())
+            deployer = lock.Holder.parse((service.run_dir / "reload.lock").read_text()).pid
             os.kill(lines.process.pid, signal.SIGKILL)
             lines.process.wait(timeout=30)
             os.rename(service.source("meanwhile"), drop / "meanwhile")
