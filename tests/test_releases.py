@@ -196,7 +196,8 @@ def test_a_deploy_refused_in_the_preflight_leaves_no_rollback_target(svc: Layout
 def test_bad_margins_are_refused_with_one_line(svc: LayoutService):
     for args, env in ((["reload", "--memory-margin", "inf"], {}),
                       (["deploy", "--memory-margin", "nan", str(svc.src / "v1")], {}),
-                      (["rollback"], {"HOTSWAP_MEMORY_MARGIN": "-5"})):
+                      (["rollback"], {"HOTSWAP_MEMORY_MARGIN": "-5"}),
+                      (["watch", "--memory-margin", "1e999"], {})):
         done = svc.cli(*args, env=env)
         assert done.returncode == 2, (args, done.stderr)
         assert len(done.stderr.splitlines()) == 1 and "finite percentage" in done.stderr, \
@@ -246,7 +247,11 @@ def test_a_current_that_is_not_a_link_is_named_with_its_fix(tmp_path: Path):
             assert "first release" not in done.stdout + done.stderr
         (root / "current").unlink()
         (root / "current").symlink_to("releases/20260101-000000-000-deleted")
-    assert release.Layout(root).ids() == [good]
+    # the command the message names fixes it
+    fix = done.stderr.split("`")[1]
+    subprocess.run(fix, shell=True, check=True, cwd=root)
+    assert release.Layout(root).current_problem() is None
+    assert release.Layout(root).current_id() == good
 
 
 def test_releases_no_deploy_made_serve_are_no_target_and_take_no_slot(tmp_path: Path):
