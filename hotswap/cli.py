@@ -9,6 +9,7 @@ from .system import early
 early.install()
 
 import json
+import math
 import os
 import signal
 import sys
@@ -70,6 +71,9 @@ class Context:
     @property
     def cfg(self) -> config.Config:
         if self._cfg is None:
+            layout = rel.Layout(Path(self.ini).absolute().parent)
+            if layout.releases.is_dir():  # before uWSGI reads the ini through `current`
+                layout.check_current()
             self._cfg = config.load(self.ini)
         return self._cfg
 
@@ -121,6 +125,42 @@ def start(ctx: Context, exec_mode: bool | None) -> None:
     sys.exit(Supervisor(cfg, argv, env, lock_fd).run())
 
 
+class Margin(click.ParamType):
+    """--memory-margin: a finite percentage >= 0 (inf or nan would make every estimate
+    meaningless); refused as one line, exit 2, like every other bad input."""
+
+    name = "percent"
+
+    def convert(self, value, param, ctx) -> float:
+        try:
+            margin = float(value)
+        except (TypeError, ValueError):
+            margin = math.nan
+        if not math.isfinite(margin) or margin < 0:
+            raise HotswapError(f"--memory-margin (or HOTSWAP_MEMORY_MARGIN) must be a finite "
+                               f"percentage >= 0, not {value!r}", ExitCode.CONFIG)
+        return margin
+
+
+# One definition for every command that swaps (reload, deploy, rollback, watch).
+memory_options = [
+    click.option("--force", is_flag=True, help="Swap even if the serving generation does not "
+                 "answer on its health path (e.g. to replace a broken release), or if a second "
+                 "generation does not seem to fit in memory (one that does not is killed by "
+                 "the OOM killer while loading, and rolled back)."),
+    click.option("--memory-margin", type=Margin(), envvar="HOTSWAP_MEMORY_MARGIN",
+                 default=memory.DEFAULT_MARGIN_PERCENT, show_default=True,
+                 help="Percent added to the serving generation's memory when checking that a "
+                 "second one fits (env HOTSWAP_MEMORY_MARGIN); exit 7 if it does not."),
+]
+
+
+def with_memory_options(func):
+    for option in reversed(memory_options):
+        func = option(func)
+    return func
+
+
 @main.command(name="reload", epilog=EXIT_CODES_HELP)
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=300.0, show_default=True,
               help="Seconds for the new release to load and commit its hand-over (import "
@@ -129,14 +169,7 @@ def start(ctx: Context, exec_mode: bool | None) -> None:
 @click.option("--drain", "drain_timeout", type=click.FloatRange(min=0.0), default=90.0,
               show_default=True, help="Seconds to wait for the old generation's in-flight "
               "requests once the new one serves (past it, reload succeeds with a warning).")
-@click.option("--force", is_flag=True, help="Swap even if the serving generation does not "
-              "answer on its health path (e.g. to replace a broken release), or if a second "
-              "generation does not seem to fit in memory (one that does not is killed by the "
-              "OOM killer while loading, and rolled back).")
-@click.option("--memory-margin", type=click.FloatRange(min=0.0), envvar="HOTSWAP_MEMORY_MARGIN",
-              default=memory.DEFAULT_MARGIN_PERCENT, show_default=True,
-              help="Percent added to the serving generation's memory when checking that a "
-              "second one fits (env HOTSWAP_MEMORY_MARGIN); exit 7 if it does not.")
+@with_memory_options
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @pass_context
 def reload_cmd(ctx: Context, timeout: float, drain_timeout: float, force: bool,
@@ -237,13 +270,17 @@ def _format_status(report: dict) -> str:
     lines = []
     if report["running"]:
         health = report["health"] or {}
-        lines.append(f"running     master {report['master_pid']}, generation "
-                     f"{report['generation'] or '? (no answer on the health path)'}")
+        state = "swapping " if report.get("swapping") else "running  "
+        lines.append(f"{state}   master {report['master_pid']}, generation "
+                     f"{report['generation'] or '? (no answer on the health path)'}"
+                     + (f", serves while new master "
+                        f"{', '.join(map(str, report['loading_master_pids']))} loads"
+                        if report.get("swapping") else ""))
         if health:
             lines.append(f"loaded      {health.get('loaded_at')} in {health.get('load_seconds')}s")
     else:
         lines.append("stopped     no master serves")
-    if report["parked_master_pid"]:
+    if report["parked_master_pid"] and not report.get("swapping"):
         lines.append(f"parked      master {report['parked_master_pid']} on the standby FIFO "
                      "(retiring, or left by an interrupted swap: `hotswap recover`)")
     for pid in report["loading_master_pids"]:
@@ -362,9 +399,17 @@ def init(app: str, project: str, user: str | None, health_path: str, force: bool
 
 # -- releases (docs/releases.md) --------------------------------------------------------------
 def _show_phase(as_json: bool):
+    """The timeline, for as long as someone reads it: a reader gone (a killed watcher's pipe)
+    must not stop a swap halfway; the deploy's history line still says how it ended."""
+    gone = []
+
     def show(phase: Phase, at: float, detail: str) -> None:
-        if not as_json:
+        if as_json or gone:
+            return
+        try:
             click.echo(f"  [{at:7.2f}s] {phase.value:<12} {detail}")
+        except OSError:
+            gone.append(True)
     return show
 
 
@@ -388,6 +433,7 @@ swap_options = [
                  help="The reload's --timeout."),
     click.option("--drain", type=click.FloatRange(min=0.0), default=90.0, show_default=True,
                  help="The reload's --drain."),
+    *memory_options,
     click.option("--json", "as_json", is_flag=True, help="Print the result as JSON."),
 ]
 
@@ -420,21 +466,24 @@ def init_releases_cmd(root: Path, run_dir: Path | None, log_dir: Path | None) ->
 @with_swap_options
 @pass_context
 def deploy_cmd(ctx: Context, source: Path, keep: int, check_import: bool, timeout: float,
-               drain: float, as_json: bool) -> None:
+               drain: float, force: bool, memory_margin: float, as_json: bool) -> None:
     """Ship SOURCE (a folder or a tarball) as a new release: copy, check, flip, reload.
 
     Exit 1: refused or rolled back (current names the old release, which serves)."""
     result = rel.deploy(Path(ctx.ini), source.absolute(), timeout, drain, keep, check_import,
-                        _show_phase(as_json))
+                        _show_phase(as_json),
+                        rel.SwapOptions(timeout, drain, force, memory_margin))
     _report(result, as_json)
 
 
 @main.command(name="rollback", epilog=EXIT_CODES_HELP)
 @with_swap_options
 @pass_context
-def rollback_cmd(ctx: Context, timeout: float, drain: float, as_json: bool) -> None:
+def rollback_cmd(ctx: Context, timeout: float, drain: float, force: bool,
+                 memory_margin: float, as_json: bool) -> None:
     """Make the release before `current` live again (same safety as deploy)."""
-    _report(rel.rollback(ctx.cfg, timeout, drain, _show_phase(as_json)), as_json)
+    _report(rel.rollback(ctx.cfg, timeout, drain, _show_phase(as_json),
+                         rel.SwapOptions(timeout, drain, force, memory_margin)), as_json)
 
 
 @main.command(name="releases")
@@ -464,9 +513,10 @@ def releases_cmd(ctx: Context, as_json: bool) -> None:
               help="Reload when `current` is flipped by someone else to a release that does "
               "not serve.")
 @click.option("-v", "--verbose", is_flag=True, help="Also log each change seen in DROP.")
+@with_memory_options
 @pass_context
 def watch_cmd(ctx: Context, drop: Path | None, quiet: float, keep: int, follow_current: bool,
-              verbose: bool) -> None:
+              verbose: bool, force: bool, memory_margin: float) -> None:
     """Deploy or refresh what lands in DROP (default ROOT/drop), one action at a time; reload
     when `current` is flipped to a release that does not serve."""
     layout = rel.layout_of(ctx.cfg)
@@ -485,9 +535,10 @@ def watch_cmd(ctx: Context, drop: Path | None, quiet: float, keep: int, follow_c
     def log(line: str) -> None:
         click.echo(f"hotswap watch: {line}")
 
-    runner = watcher.CliRunner(ctx.cfg, ["--keep", str(keep)], follow_current)
+    swap_args = ["--memory-margin", repr(memory_margin), *(["--force"] if force else [])]
+    runner = watcher.CliRunner(ctx.cfg, ["--keep", str(keep)], follow_current, swap_args)
     loop = watcher.Watcher(watcher.Planner(drop, quiet), runner, log, verbose=verbose,
-                           link=layout.current)
+                           link=layout.current, scan=drop.iterdir)
     tick_ms = int(min(500, max(50, quiet * 250)))
     loop.run(watcher.inotify_batches(drop, stop, tick_ms), stop)
     log(f"stopped ({', '.join(received) or 'watch ended'})")

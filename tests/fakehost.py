@@ -36,6 +36,7 @@ class FakeHost:
         self.plan = GOOD_PLAN if plan is None else plan
         self.drain_seconds = drain_seconds
         self.alive_pids = {OLD, *OLD_WORKERS}
+        self.stopped_pids: set[int] = set()  # kill -STOP
         self.slot: dict[int, Slot] = {OLD: Slot.LIVE}  # which FIFO each master reads
         self.record: Handover | None = Handover(master_pid=OLD, state=State.DONE)
         self.paused = False
@@ -129,6 +130,9 @@ class FakeHost:
 
     def alive(self, pid: int | None) -> bool:
         return pid in self.alive_pids
+
+    def stopped(self, pid: int) -> bool:
+        return pid in self.stopped_pids
 
     def reforked_below(self, master: int) -> list[int]:
         return [self.new] if master == OLD and OLD in self.alive_pids and \

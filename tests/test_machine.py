@@ -318,6 +318,17 @@ def test_an_interrupt_while_waiting_for_a_drain_changes_nothing():
     assert sent(host) == []
 
 
+def test_a_stopped_master_is_refused_before_its_fifo_is_written():
+    host = FakeHost()
+    host.stopped_pids.add(OLD)
+    with pytest.raises(HotswapError) as refused:
+        Reload(host, 30.0, 5.0).run()
+    assert refused.value.code == ExitCode.INCONSISTENT
+    assert refused.value.message.startswith(f"master {OLD} is stopped (state T")
+    assert f"`kill -CONT {OLD}`" in refused.value.message
+    assert sent(host) == [] and host.events == []
+
+
 def test_no_master_is_not_running():
     host = FakeHost()
     host.alive_pids.clear()

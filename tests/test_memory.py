@@ -9,9 +9,14 @@ only pick processes inside that cgroup, so nothing else on the machine is at ris
 
 from __future__ import annotations
 
+import json
+import mmap
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -19,6 +24,7 @@ from conftest import Service, sample_paths
 
 from bench.loadgen import LoadGenerator, summarize
 from hotswap.errors import ExitCode
+from hotswap.swap import probe
 from hotswap.system import memory, procs
 
 TERMS = 400_000
@@ -29,12 +35,12 @@ LOADING_SCORE = 1000  # srv.ini's loading_oom_score_adj
 class MemoryCgroup:
     """A child memory cgroup of this process's own (v1 or v2), removed at the end."""
 
-    def __init__(self) -> None:
+    def __init__(self, name: str = "") -> None:
         own = memory.cgroup_of(os.getpid())
         if own is None:
             pytest.skip("no memory cgroup (v1 memory controller or v2 with memory) here")
         self.version = own.version
-        self.path = own.path / f"hotswap-test-{os.getpid()}"
+        self.path = own.path / f"hotswap-test-{os.getpid()}{name}"
         try:
             self.path.mkdir()
         except OSError as exc:
@@ -64,8 +70,8 @@ class CgroupService(Service):
     """A Service whose supervisor (and so every uWSGI process) starts inside `cgroup`: a
     shell writes its own pid into cgroup.procs, then execs `hotswap start`."""
 
-    def __init__(self, root: Path, cgroup: MemoryCgroup) -> None:
-        super().__init__(root, mode="heap")
+    def __init__(self, root: Path, cgroup: MemoryCgroup, mode: str = "heap") -> None:
+        super().__init__(root, mode=mode)
         self.cgroup = cgroup
         self.release("v1", terms=TERMS)
 
@@ -195,6 +201,64 @@ def test_a_forced_reload_is_oom_killed_while_loading_and_rolled_back(svc: Cgroup
     assert summary["requests"] > 100 and summary["failed"] == 0, summary
 
 
+def shmem_counted(pids: list[int]) -> int:
+    """What the estimate added before it knew tmpfs files: Pss_Anon + Pss_Shmem, summed."""
+    return sum(memory.rollup(pid).get("Pss_Anon", 0) + memory.rollup(pid).get("Pss_Shmem", 0)
+               for pid in pids)
+
+
+@pytest.mark.slow
+def test_a_store_on_tmpfs_in_a_cgroup_is_no_false_refusal():
+    """The store on tmpfs counts as Shmem: counted once, the reload fits under a limit the
+    old estimate (store counted again) refused, and goes through with nothing lost."""
+    if not memory.shmem_devices(os.getpid()) or not Path("/dev/shm").is_dir():
+        pytest.skip("no tmpfs at /dev/shm")
+    group = MemoryCgroup("-tmpfs")
+    root = Path(tempfile.mkdtemp(prefix="hotswap-test-", dir="/dev/shm"))
+    service = CgroupService(root, group, mode="store")
+    try:
+        service.release("v1big", terms=TERMS)  # a store of TERMS terms, not the sample's
+        service.start()
+        master, *workers = service.generation()
+        # every worker reads the whole store once (srv.py's /scan): its pages mapped in each,
+        # as after a long day of lookups
+        scanned: set[int] = set()
+
+        def scan(_: int) -> int:
+            return json.loads(probe.get(str(service.socket), "/scan", 60.0).body)["worker_pid"]
+
+        def every_worker_scanned() -> bool:  # one scan per worker at a time, in parallel
+            with ThreadPoolExecutor(len(workers)) as pool:
+                scanned.update(pool.map(scan, range(len(workers))))
+            return scanned >= set(workers)
+
+        assert procs.wait_until(every_worker_scanned, 120, interval=0.01), scanned
+        # A margin of 100 %: room for the new generation's real peak, so that the only thing
+        # this test can trip on is the store counted twice.
+        room = memory.measure(master, workers, 100.0)
+        store = sum(memory.shared_files(pid) for pid in (master, *workers))
+        assert store > 8 * MIB and room.needs and room.in_use, (store, room)
+        group.limit(room.in_use + room.required + store)
+        squeezed = memory.measure(master, workers, 100.0)
+        counted_twice = 2 * shmem_counted([master, *workers])  # the old estimate, + 100 %
+        assert squeezed.fits and counted_twice > squeezed.available, (counted_twice, squeezed)
+        kills = group.oom_kills()
+        # the same release again: a reload re-imports it beside the serving one
+        with LoadGenerator(str(service.socket), CONNECTIONS, sample_paths(service)) as load:
+            done = service.cli("reload", "--memory-margin", "100")
+        assert done.returncode == 0, done.stdout + done.stderr
+        after = service.health()["master_pid"]
+        service.seen_masters.add(after)
+        assert after != master and group.oom_kills() == kills
+        summary = summarize(load.records)
+        assert summary["requests"] > 100 and summary["failed"] == 0, summary
+    finally:
+        group.limit(None)
+        service.teardown()
+        group.remove()
+        shutil.rmtree(root, ignore_errors=True)
+
+
 # -- the arithmetic, on files made here ---------------------------------------------------------
 MIB = memory.MIB
 
@@ -248,3 +312,28 @@ def test_the_estimate_of_this_process_is_its_anonymous_memory():
     after = memory.estimate([os.getpid()])
     assert before is not None and after is not None and after - before >= 60 * MIB
     del ballast
+
+
+def test_a_file_on_tmpfs_counts_once_shared_anonymous_memory_still_counts(tmp_path: Path):
+    """Pages of a mapped file on tmpfs are Shmem to the kernel, like shared anonymous memory;
+    a new generation maps the same file (nothing new to hold), but makes its own anonymous
+    shared memory. The estimate leaves out the first and keeps the second."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or not memory.shmem_devices(os.getpid()):
+        pytest.skip("no tmpfs mounted here")
+    path = shm / f"hotswap-test-store-{os.getpid()}"
+    size = 64 * MIB
+    with open(path, "w+b") as handle:
+        handle.truncate(size)
+        try:
+            before = memory.estimate([os.getpid()])
+            with mmap.mmap(handle.fileno(), size) as mapped:
+                mapped.write(b"x" * size)  # every page resident, as a served store's
+                assert memory.rollup(os.getpid())["Pss_Shmem"] >= size
+                after = memory.estimate([os.getpid()])
+                assert after - before < 8 * MIB, (before, after)
+                with mmap.mmap(-1, size // 2) as anonymous:
+                    anonymous.write(b"y" * (size // 2))
+                    assert memory.estimate([os.getpid()]) - after >= size // 2 - 2 * MIB
+        finally:
+            path.unlink()

@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import tarfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,9 @@ from conftest import Lines
 from releases_util import LayoutService, lookup_paths
 
 from bench.loadgen import LoadGenerator, summarize
+from hotswap.releases import release
 from hotswap.releases.watch import Action, Kind, Outcome, Planner, Verdict, Watcher, classify
+from hotswap.swap import lock
 from hotswap.system import procs
 
 DROP = Path("/drop")
@@ -41,6 +45,9 @@ class FakeRunner:
         self.watcher: Watcher | None = None
         self.target: str | None = None  # where `current` points (None: not followed)
         self.verdicts: list[Verdict] = []  # what reconcile() answers, in turn
+        self.writers: dict[str, list[int]] = {}  # entry name -> writer() answers, in turn
+        self.taken: set[str] = set()  # entries a recorded deploy already took
+        self.busy: set[str] = set()  # entries whose next run is refused as busy (exit 4)
 
     def current(self) -> str | None:
         return self.target
@@ -48,9 +55,19 @@ class FakeRunner:
     def reconcile(self) -> tuple[Verdict, str]:
         return self.verdicts.pop(0), "scripted"
 
+    def writer(self, path: Path) -> int | None:
+        answers = self.writers.get(path.name)
+        return answers.pop(0) if answers else None
+
+    def deployed(self, path: Path) -> str | None:
+        return "release r at t" if path.name in self.taken else None
+
     def run(self, action: Action) -> Outcome:
         self.actions.append(action)
         self.clock.now += 1.5  # the swap takes a while
+        if action.path.name in self.busy:
+            self.busy.discard(action.path.name)
+            return Outcome(False, 4, "hotswap: a reload is in progress (pid 9)", 0.1)
         if self.during and self.watcher:
             self.watcher.feed(self.during)
             self.during = []
@@ -67,10 +84,12 @@ def kind_by_name(path: Path) -> Kind | None:
     return Kind.DATA if path.name.endswith(".lmdb") else Kind.CODE
 
 
-def make(fail: set[str] = frozenset()) -> tuple[Watcher, FakeRunner, Clock, list[str]]:
+def make(fail: set[str] = frozenset(), found: tuple[Path, ...] = ()
+         ) -> tuple[Watcher, FakeRunner, Clock, list[str]]:
     clock, logged = Clock(), []
     runner = FakeRunner(clock, fail)
-    watcher = Watcher(Planner(DROP, QUIET, kind_by_name), runner, logged.append, clock)
+    watcher = Watcher(Planner(DROP, QUIET, kind_by_name), runner, logged.append, clock,
+                      scan=lambda: found)
     runner.watcher = watcher
     return watcher, runner, clock, logged
 
@@ -161,6 +180,48 @@ def test_a_flip_of_current_is_checked_once_after_quiet_and_reloads_only_if_neede
     runner.verdicts = [Verdict.SKIP]
     advance(watcher, clock, 10 * QUIET)
     assert len(runner.actions) == 1 and runner.verdicts == []
+
+
+def test_what_landed_while_no_watcher_ran_is_acted_on_at_start():
+    watcher, runner, clock, logged = make(found=(DROP / "b-new", DROP / "a-old"))
+    stop = threading.Event()
+
+    def batches():  # the real loop's empty batches, one per tick
+        for _ in range(int(3 * QUIET / 0.25)):
+            clock.now += 0.25
+            yield []
+
+    watcher.run(batches(), stop)
+    assert logged[1] == "found 2 entries at start: a-old, b-new"
+    assert runner.actions == [Action(Kind.CODE, DROP / "b-new", (DROP / "a-old",))]
+
+
+def test_an_entry_being_written_waits_and_a_deployed_one_is_only_removed():
+    watcher, runner, clock, logged = make()
+    runner.writers = {"rel.tar": [4242, 4242]}  # still open for writing twice, then closed
+    watcher.feed([DROP / "rel.tar"])
+    advance(watcher, clock, 2 * QUIET + 1)
+    assert runner.actions == []
+    assert [line for line in logged if "4242" in line] == [
+        f"{DROP / 'rel.tar'}: pid 4242 still writes it: waiting until it is done"]
+    advance(watcher, clock, QUIET + 0.5)
+    assert [a.path.name for a in runner.actions] == ["rel.tar"]
+    runner.taken = {"again"}
+    watcher.feed([DROP / "again"])
+    advance(watcher, clock, QUIET + 0.5)
+    assert [a.path.name for a in runner.actions] == ["rel.tar"]
+    assert runner.discarded == [DROP / "rel.tar", DROP / "again"]
+
+
+def test_a_deploy_refused_as_busy_is_tried_again():
+    watcher, runner, clock, logged = make()
+    runner.busy = {"rel"}
+    watcher.feed([DROP / "rel"])
+    advance(watcher, clock, QUIET + 0.5)
+    assert "busy (exit 4)" in logged[-1]
+    advance(watcher, clock, QUIET + 2)
+    assert [a.path.name for a in runner.actions] == ["rel", "rel"]
+    assert runner.discarded == [DROP / "rel"]
 
 
 def test_classify_real_entries(tmp_path: Path):
@@ -273,3 +334,83 @@ def test_watcher_stops_cleanly_on_sigterm(live):
     assert out.strip().splitlines()[-1] == "hotswap watch: stopped (SIGTERM)"
     assert "Traceback" not in err
     assert service.health()
+
+
+def _own_watcher(service: LayoutService, previous: Lines) -> Lines:
+    """A watcher of this test's own (the module's is stopped by now, or stopped here), over
+    an empty drop folder (earlier tests leave a failed release there for the operator)."""
+    if previous.process.poll() is None:
+        os.kill(previous.process.pid, signal.SIGTERM)
+        previous.finish(timeout=60)
+    for entry in (service.root / "drop").iterdir():
+        shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    lines = Lines(service.cli_background("watch", "--quiet", str(QUIET), "--verbose"))
+    lines.wait_for("watching")
+    return lines
+
+
+@pytest.mark.slow
+def test_a_killed_watcher_leaves_its_deploy_to_finish_and_the_next_one_catches_up(live):
+    """SIGKILL to the watcher mid-deploy: the deploy (its own session, output to a file)
+    finishes and records itself; a new watcher deploys what landed meanwhile."""
+    service, previous = live
+    drop = service.root / "drop"
+    lines = _own_watcher(service, previous)
+    deployer = None
+    try:
+        with LoadGenerator(str(service.socket), 32, lookup_paths(service),
+                           max_seconds=240) as load:
+            os.rename(service.gated_source("gated"), drop / "gated")
+            lines.wait_for(f"deploy {drop / 'gated'}: running")
+            service.loading_pid()
+            deployer = lock.Holder.parse((service.run_dir / "reload.lock").read_text()).pid
+            os.kill(lines.process.pid, signal.SIGKILL)
+            lines.process.wait(timeout=30)
+            os.rename(service.source("meanwhile"), drop / "meanwhile")
+            service.let_import_finish()
+            assert procs.wait_until(lambda: not procs.alive(deployer), 120), \
+                "the deploy died with its watcher"
+            last = history(service)[-1]
+            assert (last["action"], last["outcome"]) == ("deploy", "ok"), last
+            assert last["source"] == str(drop / "gated")
+            assert service.serving_name() == "gated"
+            lines = Lines(service.cli_background("watch", "--quiet", str(QUIET)))
+            lines.wait_for("found 2 entries at start: gated, meanwhile")
+            lines.wait_for(f"deploy {drop / 'meanwhile'}: ok", timeout=120)
+        assert service.serving_name() == "meanwhile"
+        assert not (drop / "gated").exists() and not (drop / "meanwhile").exists()
+        summary = summarize(load.records)
+        assert summary["requests"] > 100 and summary["failed"] == 0, summary
+    finally:
+        if deployer and procs.alive(deployer):
+            procs.signal_quietly(deployer, signal.SIGKILL)
+        os.kill(lines.process.pid, signal.SIGTERM)
+        lines.finish(timeout=60)
+
+
+@pytest.mark.slow
+def test_a_plain_tar_still_being_written_is_not_taken(live):
+    """A tar cut at a member boundary reads as a valid archive: while its writer holds it
+    open the watcher waits (and never removes it); once closed whole, it is deployed."""
+    service, previous = live
+    target = service.root / "drop" / "halftar.tar"
+    lines = _own_watcher(service, previous)
+    try:
+        with open(target, "wb") as handle:
+            archive = tarfile.open(fileobj=handle, mode="w")  # noqa: SIM115 - closed below
+            archive.add(service.source("halftar"), arcname="halftar")
+            handle.flush()  # every member written, not the end-of-archive blocks
+            lines.wait_for(f"{target}: pid {os.getpid()} still writes it: waiting")
+            assert not procs.wait_until(
+                lambda: count(lines, f"deploy {target}: running"), 2 * QUIET + 1), lines.lines
+            assert target.exists()
+            archive.close()
+        wait_count(lines, f"deploy {target}: ok", 1)
+        assert service.serving_name() == "halftar" and not target.exists()
+    finally:
+        os.kill(lines.process.pid, signal.SIGTERM)
+        lines.finish(timeout=60)
+
+
+def history(service: LayoutService) -> list[dict]:
+    return release.history(release.Layout(service.root))

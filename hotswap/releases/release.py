@@ -25,15 +25,21 @@ back. The old release serves throughout.
 from __future__ import annotations
 
 import json
+import lzma
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
+import threading
 import time
-from collections.abc import Callable
+import zlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from enum import Enum
 from pathlib import Path
 
 from ..config import Config, find_uwsgi, load, uwsgi_get
@@ -42,7 +48,7 @@ from ..service.instance import find_masters
 from ..swap import probe
 from ..swap.lock import exclusive, reload_lock
 from ..swap.reload import Phase, ReloadResult, reload, write_last_reload
-from ..system import files, procs
+from ..system import files, memory, procs
 
 ENTRY_INI = "hotswap.ini"
 RELEASE_INI = "srv.ini"
@@ -81,6 +87,35 @@ class Layout:
             return Path(os.readlink(self.current)).name
         except (FileNotFoundError, OSError):
             return None
+
+    def current_problem(self) -> str | None:
+        """What is wrong with `current`, if it exists but is not a link to a release folder
+        (None: a good link, or no `current` at all, before the first release)."""
+        link = self.current
+        if not os.path.lexists(link):
+            return None
+        if not link.is_symlink():
+            kind = "a folder" if link.is_dir() else "a regular file"
+            return f"{link} is {kind}, not a link to a release"
+        target = os.readlink(link)
+        if not link.is_dir():
+            return f"{link} is a dangling link (to {target}, which does not exist)"
+        if link.resolve().parent != self.releases.resolve():
+            return f"{link} links to {target}, which is not a release under {self.releases}"
+        return None
+
+    def check_current(self) -> None:
+        """Refuse (exit 2) a `current` that is not a link to a release, naming the fix,
+        before uWSGI reads the entry ini through it (and fails with a bare realpath error)."""
+        problem = self.current_problem()
+        if problem is None:
+            return
+        candidates = [*sorted(in_use(self)), *reversed(good_ids(self))]
+        fix = (f"`ln -sfn releases/{candidates[0]} {self.current}` (the release "
+               f"{'that serves' if in_use(self) else 'deployed last'})" if candidates
+               else f"`rm {self.current}`, then `hotswap --ini {self.root / ENTRY_INI} "
+               "deploy PATH`")
+        raise HotswapError(f"{problem}: point it at a release with {fix}", ExitCode.CONFIG)
 
 
 def layout_of(cfg: Config) -> Layout:
@@ -147,19 +182,16 @@ def _not_release_files(top: Path) -> Callable[[str, list[str]], set[str]]:
     return ignore
 
 
-def stage(layout: Layout, source: Path) -> str:
+def stage(layout: Layout, source: Path, release_id: str | None = None) -> str:
     """Copy a directory or unpack a tarball into releases/<id>, complete before it appears."""
-    if not source.exists():
-        raise HotswapError(f"no such release: {source}", ExitCode.CONFIG)
-    release_id = new_id(source)
+    refuse_source(source)
+    release_id = release_id or new_id(source)
     final = layout.releases / release_id
     with files.beside(final) as tmp:
         if source.is_dir():
             shutil.copytree(source, tmp, symlinks=True, ignore=_not_release_files(source))
-        elif TARBALL.search(source.name):
-            _unpack(source, Path(tmp))
         else:
-            raise HotswapError(f"not a directory or a tarball: {source}", ExitCode.CONFIG)
+            _unpack(source, Path(tmp))
         if not (Path(tmp) / RELEASE_INI).is_file():
             raise HotswapError(f"{source} has no {RELEASE_INI} at its top: not a release",
                                ExitCode.CONFIG)
@@ -167,11 +199,84 @@ def stage(layout: Layout, source: Path) -> str:
     return release_id
 
 
+def fingerprint(source: Path) -> str | None:
+    """Inode, mtime and size: the same entry of a drop folder, unchanged (None: gone)."""
+    try:
+        st = source.stat()
+    except OSError:
+        return None
+    return f"{st.st_ino}:{st.st_mtime_ns}:{st.st_size}"
+
+
+def deployed(layout: Layout, source: Path) -> dict | None:
+    """The history's successful deploy of `source` as it is now, if there is one."""
+    stat = fingerprint(source)
+    for record in reversed(history(layout)):
+        if record.get("source") == str(source) and record.get("source_stat") == stat:
+            return record if record.get("ok") and stat else None
+    return None
+
+
+def refuse_source(source: Path) -> None:
+    """Bad usage, refused before anything is locked, copied or recorded."""
+    if not source.exists():
+        raise HotswapError(f"no such release: {source}", ExitCode.CONFIG)
+    if not (source.is_dir() or TARBALL.search(source.name)):
+        raise HotswapError(f"not a directory or a tarball: {source}", ExitCode.CONFIG)
+
+
+# What an interrupted deploy leaves under releases/: a copy being staged (files.beside's
+# name) or a release being deleted (remove()); each ends with the pid that made it.
+DEBRIS = re.compile(r"(?:\.tmp\.|^\..*\.deleting\.)(\d+)$")
+
+
+def sweep(layout: Layout) -> list[str]:
+    """Remove what deploys killed mid-copy or mid-delete left, once their pid is gone (a
+    live one may still be copying). The caller holds the reload lock."""
+    swept = []
+    for entry in sorted(layout.releases.iterdir()) if layout.releases.is_dir() else []:
+        found = DEBRIS.search(entry.name)
+        if not found or procs.alive(int(found.group(1))):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        swept.append(entry.name)
+    return swept
+
+
+# What a cut archive raises, by compression: tar's own, gzip's, bzip2's, xz's.
+UNREADABLE = (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError)
+
+
+def incomplete(tarball: Path) -> str | None:
+    """Why `tarball` is not a whole archive (None: it is). A tar cut at a member boundary
+    reads as a valid, shorter archive, so the proof is its end: the two zero blocks tar
+    writes after the last member, and a compressed stream that reads to its end marker."""
+    try:
+        with tarfile.open(tarball, "r:*") as archive:
+            archive.getmembers()
+            archive.fileobj.seek(archive.offset)
+            end = archive.fileobj.read(2 * tarfile.BLOCKSIZE)
+            while archive.fileobj.read(1 << 20):
+                pass  # up to the compressed stream's own end (gzip checks its trailer)
+    except UNREADABLE as exc:
+        return str(exc) or type(exc).__name__
+    if len(end) < 2 * tarfile.BLOCKSIZE or end.count(0) != len(end):
+        return "it ends without tar's end-of-archive blocks"
+    return None
+
+
 def _unpack(tarball: Path, into: Path) -> None:
+    cut = incomplete(tarball)
+    if cut:
+        raise HotswapError(f"{tarball} is not a complete archive ({cut}): still being "
+                           "written, or cut short; deploy it once it is whole", ExitCode.CONFIG)
     try:
         with tarfile.open(tarball) as archive:
             archive.extractall(into, filter="data")
-    except (tarfile.TarError, OSError) as exc:
+    except UNREADABLE as exc:
         raise HotswapError(f"cannot unpack {tarball}: {exc}", ExitCode.CONFIG) from exc
     tops = list(into.iterdir())
     if len(tops) == 1 and tops[0].is_dir() and not (into / RELEASE_INI).exists():
@@ -236,6 +341,19 @@ def serving(cfg: Config, layout: Layout) -> str | None:
     return cwd.name if cwd.parent == layout.releases.resolve() else None
 
 
+class Outcome(str, Enum):
+    """What the history records of every deploy and rollback."""
+
+    OK = "ok"
+    REFUSED = "refused"  # stopped before anything changed: a check, the reload's preflight
+    FAILED = "failed"  # the reload ran and failed (rolled back), or the copy failed
+    INTERRUPTED = "interrupted"  # a signal, or the output's reader gone, before it ended
+
+
+class Interrupted(BaseException):
+    """SIGTERM (or SIGINT) while a deploy copies or checks, before the reload notes them."""
+
+
 @dataclass
 class DeployResult:
     action: str  # deploy | rollback
@@ -248,29 +366,48 @@ class DeployResult:
     seconds: float = 0.0
     pruned: list[str] = field(default_factory=list)
     reload: dict | None = None
+    outcome: str = Outcome.FAILED.value
+    swept: list[str] = field(default_factory=list)  # debris of interrupted deploys removed
+    source: str | None = None  # what a deploy shipped, and its fingerprint() then: a
+    source_stat: str | None = None  # restarted watcher knows what its last run took
 
     def to_json(self) -> dict:
         return asdict(self)
 
+    def end(self, outcome: Outcome, code: ExitCode | int, message: str) -> None:
+        self.outcome, self.exit_code, self.message = outcome.value, int(code), message
+        self.ok = outcome is Outcome.OK
 
-def swap_to(cfg: Config, layout: Layout, result: DeployResult, timeout: float,
-            drain: float, show: Show) -> None:
+
+@dataclass(frozen=True)
+class SwapOptions:
+    """The reload's own knobs, passed through by deploy, rollback and watch."""
+
+    timeout: float = 300.0
+    drain: float = 90.0
+    force: bool = False
+    memory_margin: float = memory.DEFAULT_MARGIN_PERCENT
+
+
+def swap_to(cfg: Config, layout: Layout, result: DeployResult, options: SwapOptions,
+            show: Show) -> None:
     """Flip `current` to result.release and reload; flip it back if the old one still serves.
     The caller holds the reload lock."""
     target, previous = result.release, result.previous
     assert target is not None
     if find_masters(cfg).live is None:
         flip(layout, target)
-        result.ok, result.exit_code = True, int(ExitCode.OK)
-        result.message = (f"current -> {target}; nothing serves: start it with "
-                          f"`hotswap --ini {cfg.ini} start`")
+        result.end(Outcome.OK, ExitCode.OK, f"current -> {target}; nothing serves: start it "
+                   f"with `hotswap --ini {cfg.ini} start`")
         return
     flip(layout, target)
     try:
-        outcome: ReloadResult = reload(cfg, timeout, drain, show, lock_held=True)
+        outcome: ReloadResult = reload(cfg, options.timeout, options.drain, show,
+                                       force=options.force,
+                                       memory_margin=options.memory_margin, lock_held=True)
     except BaseException:
-        # a bug or an interrupt outside the reload's own handling: `current` must not be
-        # left naming a release that does not serve
+        # a refusal in the reload's preflight, a bug, or an interrupt outside the reload's
+        # own handling: `current` must not be left naming a release that does not serve
         if previous and serving(cfg, layout) != target:
             flip(layout, previous)
         raise
@@ -280,25 +417,76 @@ def swap_to(cfg: Config, layout: Layout, result: DeployResult, timeout: float,
         pass  # the deploy record below still says what happened
     result.reload = outcome.to_json()
     result.serving = serving(cfg, layout)
-    result.ok, result.exit_code = outcome.ok, outcome.exit_code
     if outcome.ok:
-        result.message = f"release {target} serves: {outcome.message}"
+        result.end(Outcome.OK, ExitCode.OK, f"release {target} serves: {outcome.message}")
         return
+    ended = Outcome.INTERRUPTED if outcome.interrupted else Outcome.FAILED
     if result.serving != target and previous:
         flip(layout, previous)
-        result.message = (f"release {target} refused, current back on {previous} (serving "
-                          f"{result.serving or '?'}): {outcome.message}")
+        result.end(ended, outcome.exit_code, f"release {target} refused, current back on "
+                   f"{previous} (serving {result.serving or '?'}): {outcome.message}")
     else:
-        result.message = (f"release {target} failed and current still names it (serving "
-                          f"{result.serving or '?'}): {outcome.message}")
+        result.end(ended, outcome.exit_code, f"release {target} failed and current still "
+                   f"names it (serving {result.serving or '?'}): {outcome.message}")
+
+
+@contextmanager
+def _attempt(result: DeployResult, finish: Callable[[], object]) -> Iterator[None]:
+    """Every way a deploy or rollback can stop becomes an outcome in `result`, and `finish`
+    (_finish) records it and drops what never served. A bug still raises, once recorded."""
+    still = f"current still {result.previous or 'unset'}"
+    try:
+        yield
+    except HotswapError as error:
+        result.end(Outcome.REFUSED, error.code, f"{error.message}; {still}")
+    except (Interrupted, KeyboardInterrupt) as exc:
+        name = str(exc) or "SIGINT"
+        result.end(Outcome.INTERRUPTED, ExitCode.RELOAD_FAILED,
+                   f"{result.action} interrupted by {name} before the swap; {still}")
+    except BrokenPipeError:
+        result.end(Outcome.INTERRUPTED, ExitCode.RELOAD_FAILED,
+                   f"{result.action} stopped: its output's reader is gone (a killed watcher "
+                   f"or pipe); {still}")
+    except OSError as exc:
+        where = f": {exc.filename}" if exc.filename else ""
+        result.end(Outcome.FAILED, ExitCode.CONFIG,
+                   f"{result.action} failed: {exc.strerror or exc}{where}; {still}")
+    except BaseException as exc:
+        result.end(Outcome.FAILED, ExitCode.RELOAD_FAILED, f"{result.action} failed: {exc!r}")
+        raise
+    finally:
+        finish()
+
+
+def _interrupt_staging(signum: int, _frame) -> None:
+    raise Interrupted(signal.Signals(signum).name)
+
+
+@contextmanager
+def _interruptible() -> Iterator[None]:
+    """SIGTERM and SIGINT stop a copy or a check cleanly (the staged copy is removed, the
+    history says so); the reload then installs its own handlers, which only note them."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {sig: signal.signal(sig, _interrupt_staging) for sig in (signal.SIGINT,
+                                                                      signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
 
 
 def deploy(ini: Path, source: Path, timeout: float, drain: float, keep: int,
-           import_check: bool, show: Show) -> DeployResult:
+           import_check: bool, show: Show, options: SwapOptions | None = None
+           ) -> DeployResult:
     """Stage, check, flip, reload; `ini` is the layout's entry ini (ROOT/hotswap.ini)."""
     started = time.monotonic()
+    options = options or SwapOptions(timeout, drain)
+    refuse_source(source)
     first = Layout(ini.absolute().parent)
-    if first.releases.is_dir() and first.current_id() is None:
+    if first.releases.is_dir() and not os.path.lexists(first.current):
         # The first release: the entry ini cannot be read before `current` exists, and
         # nothing can be serving from this layout yet. No run dir yet either: the lock is
         # the layout's own.
@@ -306,74 +494,81 @@ def deploy(ini: Path, source: Path, timeout: float, drain: float, keep: int,
         with exclusive(first.history_file.parent / "first-deploy.lock",
                        "another deploy of the first release is in progress; refusing to "
                        "deploy"):
-            if first.current_id() is None:
+            if not os.path.lexists(first.current):
                 return _first(first, source, import_check, started)
+    if first.releases.is_dir():
+        first.check_current()
     cfg = load(ini)
     layout = layout_of(cfg)
-    with reload_lock(cfg, "deploy"):
+    with reload_lock(cfg, "deploy"), _interruptible():
         result = DeployResult("deploy", False, int(ExitCode.RELOAD_FAILED), "",
-                              previous=layout.current_id())
-        result.release = stage(layout, source)
-        try:
+                              previous=layout.current_id(), release=new_id(source),
+                              source=str(source), source_stat=fingerprint(source))
+        with _attempt(result, lambda: _finish(layout, result, started, keep)):
+            result.swept = sweep(layout)
+            stage(layout, source, result.release)
             check(cfg.uwsgi, layout.releases / result.release, import_check)
-        except HotswapError as error:
-            result.exit_code, result.message = int(error.code), (
-                f"{error.message}; current still {result.previous or 'unset'}")
-        else:
-            swap_to(cfg, layout, result, timeout, drain, show)
-        return _finish(layout, result, started, keep)
+            swap_to(cfg, layout, result, options, show)
+        return result
 
 
 def _first(layout: Layout, source: Path, import_check: bool, started: float) -> DeployResult:
     result = DeployResult("deploy", False, int(ExitCode.RELOAD_FAILED), "",
-                          release=stage(layout, source))
-    try:
+                          release=new_id(source), source=str(source),
+                          source_stat=fingerprint(source))
+    with _interruptible(), _attempt(result, lambda: _finish(layout, result, started, 0)):
+        result.swept = sweep(layout)
+        stage(layout, source, result.release)
         check(find_uwsgi(), layout.releases / result.release, import_check)
-    except HotswapError as error:
-        result.exit_code, result.message = int(error.code), error.message
-    else:
         flip(layout, result.release)
-        result.ok, result.exit_code = True, int(ExitCode.OK)
-        result.message = (f"current -> {result.release} (the first release); start it with "
-                          f"`hotswap --ini {layout.root / ENTRY_INI} start`")
-    return _finish(layout, result, started, keep=0)
+        result.end(Outcome.OK, ExitCode.OK, f"current -> {result.release} (the first "
+                   f"release); start it with `hotswap --ini {layout.root / ENTRY_INI} start`")
+    return result
 
 
-def rollback(cfg: Config, timeout: float, drain: float, show: Show) -> DeployResult:
+def rollback(cfg: Config, timeout: float, drain: float, show: Show,
+             options: SwapOptions | None = None) -> DeployResult:
     layout = layout_of(cfg)
     started = time.monotonic()
     with reload_lock(cfg, "roll back"):
         current = layout.current_id()
-        ids = layout.ids()
-        older = [i for i in ids if current is None or i < current]
+        older = [i for i in good_ids(layout) if current is None or i < current]
         if not older:
             raise HotswapError(f"no release older than {current} in {layout.releases} to "
-                               "roll back to", ExitCode.CONFIG)
+                               "roll back to (releases a deploy refused never count)",
+                               ExitCode.CONFIG)
         result = DeployResult("rollback", False, int(ExitCode.RELOAD_FAILED), "",
                               release=older[-1], previous=current)
-        swap_to(cfg, layout, result, timeout, drain, show)
-        return _finish(layout, result, started, keep=0)
+        with _attempt(result, lambda: _finish(layout, result, started, 0)):
+            swap_to(cfg, layout, result, options or SwapOptions(timeout, drain), show)
+        return result
 
 
 def _finish(layout: Layout, result: DeployResult, started: float, keep: int) -> DeployResult:
     """Drop a release that never served, prune after a success, and record the outcome."""
     live = {layout.current_id(), result.serving, *in_use(layout)}
     if not result.ok and result.action == "deploy" and result.release not in live:
-        remove(layout, result.release)
+        try:
+            remove(layout, result.release)
+        except OSError:
+            pass  # left in place: its history line marks it refused, never a target
     if result.ok and keep > 0:
         result.pruned = prune(layout, keep, live)
     result.seconds = round(time.monotonic() - started, 3)
-    record = {"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    record = {"at": files.iso_time(),
               **{k: v for k, v in result.to_json().items() if k != "reload"}}
-    layout.history_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(layout.history_file, "a") as handle:
-        handle.write(json.dumps(record) + "\n")
+    try:
+        layout.history_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(layout.history_file, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+    except OSError as exc:  # e.g. a full disk: the outcome is still printed
+        result.message += f" (not recorded in {layout.history_file}: {exc.strerror or exc})"
     return result
 
 
 def remove(layout: Layout, release_id: str | None) -> None:
     """Rename out of sight first: a half-deleted release never shows under its id."""
-    if not release_id:
+    if not release_id or not (layout.releases / release_id).exists():
         return
     doomed = layout.releases / f".{release_id}.deleting.{os.getpid()}"
     os.rename(layout.releases / release_id, doomed)
@@ -396,9 +591,11 @@ def in_use(layout: Layout) -> set[str]:
 
 
 def prune(layout: Layout, keep: int, protect: set[str | None]) -> list[str]:
-    """Keep the newest `keep` releases, and always the current and the serving one."""
-    ids = layout.ids()
-    doomed = [i for i in ids[:-keep] if i not in protect]
+    """Keep the newest `keep` releases that ever served, and always the current and the
+    serving one; a release no deploy ever made serve takes no slot and goes too."""
+    good = good_ids(layout)
+    doomed = sorted({i for i in layout.ids() if i not in good} | set(good[:-keep]))
+    doomed = [i for i in doomed if i not in protect]
     for release_id in doomed:
         remove(layout, release_id)
     return doomed
@@ -410,6 +607,25 @@ def history(layout: Layout) -> list[dict]:
     except FileNotFoundError:
         return []
     return [json.loads(line) for line in lines if line.strip()]
+
+
+def never_served(layout: Layout) -> set[str]:
+    """Releases the history names only in failed or refused attempts: never current once
+    a deploy ended, so never a rollback target nor a --keep slot. (A release the history
+    does not name, e.g. copied in by hand, is not judged.)"""
+    named, good = set(), set()
+    for record in history(layout):
+        named.add(record.get("release"))
+        if record.get("ok"):
+            good.add(record.get("release"))
+        good.add(record.get("previous"))
+    return named - good - {None}
+
+
+def good_ids(layout: Layout) -> list[str]:
+    """layout.ids() without never_served(), oldest first."""
+    bad = never_served(layout)
+    return [i for i in layout.ids() if i not in bad]
 
 
 def listing(ini: Path) -> list[dict]:

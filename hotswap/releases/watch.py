@@ -7,13 +7,26 @@ What lands in DROP, one entry per release (a folder, a tarball, or a store file)
     names starting with "." or holding ".tmp"/".part" are ignored: write under such a name
     and rename it into place, and the watcher never sees half a release.
 
+When an entry counts as complete (docs/operations.md, "The watcher's completeness rule"):
+after --quiet seconds without a change in DROP, and once no process holds it (or a file
+under it) open for writing; a tarball must also be a whole archive, which deploy checks
+(release.incomplete(): tar's end-of-archive blocks, the compressed stream's end), so a tar
+cut at a member boundary is refused, never unpacked as a shorter release. A drop entry is
+removed only after the deploy that took it succeeded, so never while its writer writes.
+
+The watcher scans DROP when it starts: what landed while it was down is acted on. Each
+action runs in its own session with its output in a file, not a pipe: a watcher killed
+mid-deploy leaves the deploy to finish and record itself (state/deploys.jsonl); the next
+watcher finds that record for the entry, unchanged, and only removes it.
+
 Rules (the Planner; tests/test_watch.py drives it on a fake clock in milliseconds):
 - nothing runs until the drop folder has been quiet for --quiet seconds (a slow copy ends
   before its release is acted on);
 - one action at a time; what lands during an action waits, then counts as one follow-up;
 - of several code releases waiting, only the newest is deployed (the others are reported
   as superseded), and likewise for stores;
-- a failed action is reported once; its entry is not tried again unless it changes;
+- a failed action is reported once; its entry is not tried again unless it changes; one
+  refused because another swap holds the lock (exit 4) waits for the next quiet period;
 - `current` flipped by someone else (by hand, rsync, a CI job) is checked after the quiet
   period: if the release it names is not the one serving, and no swap is under way, the
   watcher runs `hotswap reload` (a deploy's own flip is found serving, and left alone).
@@ -29,6 +42,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -38,7 +52,9 @@ from pathlib import Path
 from typing import Protocol
 
 from ..config import Config
+from ..errors import ExitCode
 from ..swap import lock
+from ..system import procs
 from . import release
 
 TARBALL = re.compile(r"\.(tar|tar\.gz|tgz|tar\.bz2|tar\.xz)$")
@@ -145,16 +161,28 @@ class Runner(Protocol):
     def discard(self, path: Path) -> None: ...
     def current(self) -> str | None: ...  # where `current` points (None: not followed)
     def reconcile(self) -> tuple[Verdict, str]: ...  # whether a flip of `current` needs a reload
+    def writer(self, path: Path) -> int | None: ...  # a process still writing the entry
+    def deployed(self, path: Path) -> str | None: ...  # a recorded deploy already took it
 
 
 class CliRunner:
     """Runs `hotswap --ini INI deploy|refresh PATH` or `reload` and quotes its last line."""
 
-    def __init__(self, cfg: Config, deploy_args: list[str], follow_current: bool) -> None:
+    def __init__(self, cfg: Config, deploy_args: list[str], follow_current: bool,
+                 swap_args: list[str] | tuple[str, ...] = ()) -> None:
         self.cfg = cfg
         self.layout = release.Layout(cfg.ini.parent)
-        self.deploy_args = deploy_args
+        self.deploy_args = deploy_args  # deploy's own (--keep)
+        self.swap_args = list(swap_args)  # the reload's (--force, --memory-margin), to both
         self.follow_current = follow_current
+
+    def writer(self, path: Path) -> int | None:
+        found = procs.writers(path)
+        return found[0] if found else None
+
+    def deployed(self, path: Path) -> str | None:
+        record = release.deployed(self.layout, path)
+        return f"release {record['release']} at {record['at']}" if record else None
 
     def current(self) -> str | None:
         return self.layout.current_id() if self.follow_current else None
@@ -171,19 +199,23 @@ class CliRunner:
         return Verdict.RUN, f"current -> {current}, but {live} serves"
 
     def run(self, action: Action) -> Outcome:
-        args = {Kind.CODE: [str(action.path), *self.deploy_args], Kind.DATA: [str(action.path)],
-                Kind.CURRENT: []}[action.kind]
+        args = {Kind.CODE: [str(action.path), *self.deploy_args, *self.swap_args],
+                Kind.DATA: [str(action.path)], Kind.CURRENT: self.swap_args}[action.kind]
         argv = [sys.executable, "-m", "hotswap", "--ini", str(self.cfg.ini), action.kind.value,
                 *args]
         started = time.monotonic()
-        done = subprocess.run(argv, capture_output=True, text=True, check=False)
+        # Its own session and files, not pipes: neither a signal to the watcher's group nor
+        # the watcher's death (a broken pipe) stops a swap halfway.
+        with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+            code = subprocess.run(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+                                  start_new_session=True, check=False).returncode
+            stdout, stderr = (_read(handle) for handle in (out, err))
         # the CLI's own verdict: its one "hotswap: ..." line on failure, its last line on success
-        verdicts = [line for line in done.stderr.splitlines() if line.startswith("hotswap:")]
-        lines = done.stdout.splitlines() + done.stderr.splitlines()
-        summary = (verdicts[0] if done.returncode and verdicts
+        verdicts = [line for line in stderr.splitlines() if line.startswith("hotswap:")]
+        lines = stdout.splitlines() + stderr.splitlines()
+        summary = (verdicts[0] if code and verdicts
                    else next((line for line in reversed(lines) if line.strip()), "(no output)"))
-        return Outcome(done.returncode == 0, done.returncode, summary.strip(),
-                       time.monotonic() - started)
+        return Outcome(code == 0, code, summary.strip(), time.monotonic() - started)
 
     def discard(self, path: Path) -> None:
         if path.is_dir() and not path.is_symlink():
@@ -192,10 +224,16 @@ class CliRunner:
             path.unlink(missing_ok=True)
 
 
+def _read(handle) -> str:
+    handle.seek(0)
+    return handle.read()
+
+
 class Watcher:
     def __init__(self, planner: Planner, runner: Runner, log: Callable[[str], None],
                  clock: Callable[[], float] = time.monotonic, verbose: bool = False,
-                 link: Path = Path("current")) -> None:
+                 link: Path = Path("current"),
+                 scan: Callable[[], Iterable[Path]] = tuple) -> None:
         self.planner = planner
         self.runner = runner
         self.log = log
@@ -203,7 +241,40 @@ class Watcher:
         self.verbose = verbose
         self.results: list[tuple[Action, Outcome]] = []
         self.link = link  # ROOT/current: only named in actions and log lines
+        self.scan = scan  # what DROP holds at start (landed while no watcher ran)
         self._current = runner.current()
+        self._waiting: dict[Path, int] = {}  # entry -> the writer last reported
+
+    def ready(self, action: Action) -> bool:
+        """Whether a drop entry may be acted on now: it is still there, a deploy the last
+        watcher started has not already taken it, and nobody writes it any more (else it
+        waits for the next quiet period, reported once per writer)."""
+        if action.kind is Kind.CURRENT:
+            return True
+        if self.planner.kind_of(action.path) is None:
+            self.log(f"{action.path}: gone before it was acted on")
+            return False
+        if action.kind is Kind.CODE:
+            taken = self.runner.deployed(action.path)
+            if taken:
+                self.log(f"{action.path}: already deployed ({taken}, by a deploy an earlier "
+                         "watcher started): removed")
+                for path in (action.path, *action.superseded):
+                    self.runner.discard(path)
+                return False
+        writer = self.runner.writer(action.path)
+        if writer is None:
+            self._waiting.pop(action.path, None)
+            return True
+        if self._waiting.get(action.path) != writer:
+            self._waiting[action.path] = writer
+            self.log(f"{action.path}: pid {writer} still writes it: waiting until it is done")
+        self.requeue(action)
+        return False
+
+    def requeue(self, action: Action) -> None:
+        for path in (*action.superseded, action.path):
+            self.planner.saw(path, self.clock())
 
     def feed(self, paths: Iterable[Path]) -> None:
         now = self.clock()
@@ -238,10 +309,16 @@ class Watcher:
                     self.log(f"{action.path}: {why}: no reload")
                 return None
             also = f" ({why})"
+        elif not self.ready(action):
+            return None
         self.log(f"{action.kind.value} {action.path}{also}: running")
         outcome = self.runner.run(action)
         self.results.append((action, outcome))
-        if outcome.ok:
+        if outcome.exit_code == ExitCode.BUSY:
+            self.requeue(action)
+            self.log(f"{action.kind.value} {action.path}: busy (exit 4): {outcome.summary}; "
+                     "tried again after the next quiet period")
+        elif outcome.ok:
             if action.kind is Kind.CODE:
                 # copied into releases/, or superseded by what now serves: no longer needed
                 for path in (action.path, *action.superseded):
@@ -262,6 +339,11 @@ class Watcher:
                 ready = True
                 self.log(f"watching {self.planner.drop} (quiet period "
                          f"{self.planner.quiet:g}s)")
+                found = sorted(self.scan())
+                if found:
+                    self.log(f"found {len(found)} entries at start: "
+                             f"{', '.join(p.name for p in found)}")
+                    self.feed(found)
             self.feed(sorted(batch))
             self.check_current()
             if stop.is_set():

@@ -150,7 +150,12 @@ def status(cfg: Config) -> dict:
     host = RealHost(cfg)
     masters = host.masters()
     handover = record.read(cfg.run_dir)
-    master = masters.live
+    # While a swap loads, the old master has moved to the standby FIFO and its workers still
+    # serve: that master serves, and the instance is swapping, not stopped. (Without a
+    # reload holding the lock, the same pair is a swap left by a killed one: `recover`.)
+    swapping = (masters.live is None and bool(masters.parked and masters.loading)
+                and holder(cfg) is not None)
+    master = masters.live or (masters.parked if swapping else None)
     # what a reload would need, and whether it fits (memory.py)
     room = host.memory_room(master, memory.DEFAULT_MARGIN_PERCENT) if master else None
     health = probe.healthz(cfg.http_socket, timeout=2.0, path=cfg.health_path) if master else None
@@ -166,6 +171,7 @@ def status(cfg: Config) -> dict:
                       "accepting": None} for pid in (host.workers_of(master) if master else [])])
     return {
         "running": bool(master),
+        "swapping": swapping,
         "healthy": bool(master) and health is not None,
         "problems": problems(cfg, host, master, health, document) if master else [],
         # not wrong, worth knowing: ini changes only a restart applies, a rotated log

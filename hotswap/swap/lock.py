@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
+import shlex
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 
 from ..config import Config
 from ..errors import ExitCode, HotswapError
@@ -32,23 +36,59 @@ def _try_lock(handle, mode: int) -> bool:
         return False
 
 
+# What each caller refuses to do when it finds the lock held -> the command it is itself,
+# as a refusal names the holder ("a deploy is in progress").
+COMMANDS = {"start another": "reload", "roll back": "rollback"}
+
+
+@dataclass(frozen=True)
+class Holder:
+    """Who holds the reload lock: written into the lock file once it is taken (the flock,
+    not the text, is the lock; the text only names the holder to whoever is refused)."""
+
+    pid: int
+    command: str  # reload, deploy, rollback, refresh, stop, recover
+    argv: str  # its command line, without --ini (for the operator)
+
+    @classmethod
+    def parse(cls, text: str) -> Holder | None:
+        text = text.strip()
+        if text.isdigit():  # written by an older kit: the pid alone
+            return cls(int(text), "reload", "")
+        try:
+            return cls(**json.loads(text))
+        except (ValueError, TypeError):
+            return None
+
+    @classmethod
+    def me(cls, action: str) -> Holder:
+        args = sys.argv[1:]
+        if "--ini" in args[:-1]:
+            at = args.index("--ini")
+            del args[at:at + 2]
+        return cls(os.getpid(), COMMANDS.get(action, action), shlex.join(["hotswap", *args]))
+
+    def describe(self) -> str:
+        shown = f", `{self.argv}`" if self.argv else ""
+        return f"a {self.command} is in progress (pid {self.pid}{shown})"
+
+
 @contextmanager
 def reload_lock(cfg: Config, action: str) -> Iterator[None]:
-    """Exclusive; if another reload holds it, HotswapError(BUSY) naming its pid."""
+    """Exclusive; if someone holds it, HotswapError(BUSY) naming its command and pid."""
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     handle = open(cfg.lock_file, "a+")  # noqa: SIM115 - held for the whole block
     try:
         if not procs.wait_until(lambda: _try_lock(handle, fcntl.LOCK_EX), CONTENTION_SECONDS) \
                 and not _after_dying_holder(handle):
             handle.seek(0)
-            holder = handle.read().strip() or "unknown"
-            raise HotswapError(
-                f"a reload is in progress (pid {holder}); refusing to {action}", ExitCode.BUSY
-            )
+            holder = Holder.parse(handle.read())
+            busy = holder.describe() if holder else "a reload is in progress (pid unknown)"
+            raise HotswapError(f"{busy}; refusing to {action}", ExitCode.BUSY)
         files.give_to_owner_of(cfg.lock_file, cfg.run_dir)
         handle.seek(0)
         handle.truncate()
-        handle.write(str(os.getpid()))
+        handle.write(json.dumps(asdict(Holder.me(action))))
         handle.flush()
         yield
     finally:
@@ -87,8 +127,8 @@ def holder(cfg: Config) -> int | None:
         with open(cfg.lock_file) as handle:
             if _try_lock(handle, fcntl.LOCK_SH):
                 return None
-            text = handle.read().strip()
-            return int(text) if text.isdigit() else -1
+            found = Holder.parse(handle.read())
+            return found.pid if found else -1
     except FileNotFoundError:
         return None
 

@@ -187,6 +187,13 @@ class ToCommit(Swap):
             raise HotswapError("nothing is running: no master reads the live FIFO",
                                ExitCode.NOT_RUNNING)
         result.old_master = live
+        if host.stopped(live):
+            # A stopped master's FIFO still takes "1f" into its pipe buffer: it would fork
+            # on `kill -CONT`, long after this reload gave up, with nobody watching.
+            raise HotswapError(
+                f"master {live} is stopped (state T: kill -STOP, or a debugger holds it); "
+                f"nothing was sent to its FIFO. Resume it with `kill -CONT {live}`, then "
+                "reload again", ExitCode.INCONSISTENT)
         for refusal in host.config_drift(live):
             raise HotswapError(refusal, ExitCode.CONFIG)
         health = host.healthz(min(HEALTH_TIMEOUT, self.remaining()))

@@ -18,6 +18,7 @@ unknown figure is None, and an unknown never refuses a reload.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -68,7 +69,11 @@ def estimate(pids: list[int]) -> int | None:
     of anonymous PSS, for a master holding 105 MiB of anonymous memory). PSS splits each
     shared page among its sharers, so the sum counts every page once. File-backed pages
     (code, libraries, the memory-mapped store) are left out: the new generation maps the same
-    files and shares their page cache, which the kernel can reclaim anyway. On a kernel
+    files and shares their page cache, which the kernel can reclaim anyway. A file on tmpfs
+    is the exception the kernel makes: its pages count as Shmem (Pss_Shmem), like shared
+    anonymous memory, yet the new generation maps the same file too, so shared_files() takes
+    them out again; without that, a store on tmpfs counted twice (in the estimate, and in
+    the cgroup's usage it is compared with) and refused reloads that fit. On a kernel
     without Pss_Anon in smaps_rollup: the whole Pss (an overestimate by the file pages)."""
     total, seen = 0, False
     for pid in pids:
@@ -77,10 +82,61 @@ def estimate(pids: list[int]) -> int | None:
             continue
         seen = True
         if "Pss_Anon" in figures:
-            total += figures["Pss_Anon"] + figures.get("Pss_Shmem", 0)
+            shmem = figures.get("Pss_Shmem", 0)
+            if shmem:
+                shmem = max(0, shmem - shared_files(pid))
+            total += figures["Pss_Anon"] + shmem
         else:
             total += figures.get("Pss", 0)
     return total if seen else None
+
+
+# A mapping's header in /proc/PID/smaps: range, perms, offset, dev (hex major:minor), inode,
+# path. The fields below it are in kB.
+_MAPPING = re.compile(r"^[0-9a-f]+-[0-9a-f]+ (\S{4}) \S+ ([0-9a-f]+):([0-9a-f]+) (\d+)\s*(.*)$")
+# Filesystems whose files' pages the kernel counts as Shmem.
+SHMEM_FILESYSTEMS = {"tmpfs", "devtmpfs"}
+
+
+def shmem_devices(pid: int) -> set[tuple[int, int]]:
+    """(major, minor) of the tmpfs mounts `pid` sees (its own mount namespace)."""
+    found = set()
+    try:
+        lines = Path(f"/proc/{pid}/mountinfo").read_text().splitlines()
+    except OSError:
+        return found
+    for line in lines:
+        before, _, after = line.partition(" - ")
+        fields, tail = before.split(), after.split()
+        if len(fields) > 2 and tail and tail[0] in SHMEM_FILESYSTEMS:
+            major, _, minor = fields[2].partition(":")
+            if major.isdigit() and minor.isdigit():
+                found.add((int(major), int(minor)))
+    return found
+
+
+def shared_files(pid: int) -> int:
+    """PSS bytes of `pid`'s shared mappings of files on tmpfs that still exist (a new
+    generation maps the same files: no new memory). SysV, memfd and deleted files are not
+    among them: a new generation makes its own."""
+    devices = shmem_devices(pid)
+    if not devices:
+        return 0
+    total, counting = 0, False
+    try:
+        with open(f"/proc/{pid}/smaps") as handle:
+            for line in handle:
+                header = _MAPPING.match(line)
+                if header:
+                    perms, major, minor, inode, path = header.groups()
+                    counting = (perms[3] == "s" and inode != "0" and path.startswith("/")
+                                and not path.endswith(procs.DELETED)
+                                and (int(major, 16), int(minor, 16)) in devices)
+                elif counting and line.startswith("Pss:"):
+                    total += int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return 0
+    return total
 
 
 def mem_available() -> int | None:

@@ -155,6 +155,37 @@ def holds_open(pid: int, path: os.PathLike | str) -> bool:
     return held_fd(pid, path) is not None
 
 
+def writers(path: os.PathLike | str) -> list[int]:
+    """Processes holding `path`, or for a folder a file under it, open for writing (of those
+    this user may see in /proc): a drop-folder entry with a writer is not complete yet."""
+    wanted = os.path.abspath(path)
+    below = os.path.join(wanted, "")
+    found = []
+    for pid in all_pids():
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if (link == wanted or link.startswith(below)) and _writable(pid, fd):
+                found.append(pid)
+                break
+    return found
+
+
+def _writable(pid: int, fd: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/fdinfo/{fd}") as handle:
+            flags = next((line.split()[1] for line in handle if line.startswith("flags:")), "0")
+    except (OSError, IndexError):
+        return False
+    return (int(flags, 8) & os.O_ACCMODE) in (os.O_WRONLY, os.O_RDWR)
+
+
 def ancestor_below(pid: int, top: int, levels: int = 3) -> int | None:
     """The ancestor of pid (or pid itself) whose parent is `top`, within `levels` steps:
     for a hook process, the uWSGI worker of master `top` that runs it."""
