@@ -467,7 +467,8 @@ def watch_cmd(ctx: Context, drop: Path | None, quiet: float, keep: int, follow_c
               verbose: bool) -> None:
     """Deploy or refresh what lands in DROP (default ROOT/drop), one action at a time; reload
     when `current` is flipped to a release that does not serve."""
-    layout = rel.layout_of(ctx.cfg)
+    # a DROP of stores only (a mounted volume, say) needs no release layout; its default does
+    layout = rel.Layout(ctx.cfg.ini.parent) if drop else rel.layout_of(ctx.cfg)
     drop = (drop or layout.root / "drop").absolute()
     drop.mkdir(parents=True, exist_ok=True)
     stop = threading.Event()

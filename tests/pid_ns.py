@@ -115,6 +115,8 @@ class PidNamespace:
             self.kill()  # the kernel kills every process of the namespace with it
             self.launcher.wait(timeout=30)
         assert procs.wait_until(lambda: not self.pids(), 30), f"left running: {self.pids()}"
+        for process in self.service.background:  # nsenter: its child was in the namespace
+            process.communicate(timeout=30)
         if self.launcher.stderr:
             self.launcher.stderr.close()
 

@@ -6,20 +6,23 @@ uWSGI master as PID 1."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, Service, SlowRequest, sample_paths
+from conftest import REPO, TEST_TERMS, Lines, Service, SlowRequest, sample_paths
 from pid_ns import PidNamespace, unavailable
 
 from bench.loadgen import LoadGenerator, summarize
 from hotswap.config import find_uwsgi
 from hotswap.protocol import fifo, record
+from hotswap.releases.watch import DataLink
 from hotswap.swap import probe
 from hotswap.system import procs
+from scripts.gen_resource import write_resource
 
 pytestmark = pytest.mark.skipif(bool(why := unavailable()), reason=why or "")
 
@@ -35,10 +38,6 @@ def ns(tmp_path: Path):
     try:
         yield namespace
     finally:
-        for process in namespace.service.background:
-            if process.poll() is None:
-                process.kill()
-            process.communicate(timeout=30)
         namespace.teardown()
 
 
@@ -192,3 +191,57 @@ def test_bare_uwsgi_master_as_pid1_dies_at_the_first_swap(ns: PidNamespace):
     assert handover.committed and handover.master_pid != first, handover  # ...which worked
     assert procs.wait_until(lambda: not ns.pids(), 10), ns.pids()
     assert probe.healthz(ns.service.socket, timeout=2.0) is None  # refused: nothing serves
+
+
+def configmap_update(mount: Path, files: dict[str, Path]) -> None:
+    """What the kubelet does to a ConfigMap volume on an update (its AtomicWriter): the new
+    files in a new hidden folder, `..data` flipped to it by rename, a `KEY -> ..data/KEY`
+    link for each key, the old folder removed."""
+    mount.mkdir(exist_ok=True)
+    old = os.readlink(mount / "..data") if (mount / "..data").is_symlink() else None
+    stamp = f"..{time.strftime('%Y_%m_%d_%H_%M_%S')}.{time.monotonic_ns() % 10**9}"
+    (mount / stamp).mkdir()
+    for name, source in files.items():
+        shutil.copy(source, mount / stamp / name)
+    os.symlink(stamp, mount / "..data_tmp")
+    os.rename(mount / "..data_tmp", mount / "..data")
+    for name in files:
+        if not (mount / name).is_symlink():
+            os.symlink(f"..data/{name}", mount / name)
+    if old:
+        shutil.rmtree(mount / old)
+
+
+def test_watch_refreshes_when_a_configmap_mount_flips_its_data_link(tmp_path: Path):
+    (tmp_path / "svc").mkdir()
+    ns = PidNamespace(Service(tmp_path / "svc", mode="store"))
+    service, mount = ns.service, tmp_path / "config"
+    try:
+        ns.start()
+        v1 = service.store_dir / "terms-v1.lmdb"
+        configmap_update(mount, {"terms.lmdb": v1})  # the pod starts with what serves
+        lines = Lines(ns.cli_background("watch", str(mount), "--quiet", "0.2", "--verbose"))
+        lines.wait_for("watching")
+        write_resource(str(service.root / "data" / "terms.tsv"), TEST_TERMS, seed=7,
+                       version="v2")
+        v2 = service.build_store("v2")
+        with LoadGenerator(str(service.socket), 8, sample_paths(service),
+                           max_seconds=120) as load:
+            configmap_update(mount, {"terms.lmdb": v2})  # same key, new contents
+            lines.wait_for(f"refresh {mount / 'terms.lmdb'}: ok", timeout=120)
+        assert health(ns)["resource_version"] == "v2"
+        assert summarize(load.records)["failed"] == 0, summarize(load.records)
+        assert sum("refresh" in line and ": running" in line for line in lines.lines) == 1
+    finally:
+        ns.teardown()
+
+
+def test_data_link_reports_the_keys_of_a_flip_once(tmp_path: Path):
+    mount = tmp_path / "config"
+    configmap_update(mount, {"a.lmdb": REPO / "srv.ini", "b.txt": REPO / "srv.ini"})
+    link = DataLink(mount)
+    assert link.flipped() == []  # what the mount held when the watcher started
+    configmap_update(mount, {"a.lmdb": REPO / "srv.py", "b.txt": REPO / "srv.py"})
+    assert link.flipped() == [mount / "a.lmdb", mount / "b.txt"]
+    assert link.flipped() == []
+    assert DataLink(tmp_path).flipped() == []  # no ..data: not a mount of that shape

@@ -18,6 +18,11 @@ Rules (the Planner; tests/test_watch.py drives it on a fake clock in millisecond
   period: if the release it names is not the one serving, and no swap is under way, the
   watcher runs `hotswap reload` (a deploy's own flip is found serving, and left alone).
 
+A Kubernetes ConfigMap or Secret volume (or any mount of that shape) as DROP: each key is a
+link `KEY -> ..data/KEY`, and an update flips `..data` to a new hidden folder by rename, so
+the keys' own names may not change at all. DataLink polls `..data` each turn, as `current`
+is; on a flip, every key reached through it counts as changed (docs/containers.md).
+
 The loop only reads filesystem batches from watchfiles (inotify underneath) and asks the
 Planner; actions run as `hotswap` subprocesses, so each one gets the CLI's own signal
 handling, lock and exit code, and the watcher's log line quotes its outcome.
@@ -25,6 +30,7 @@ handling, lock and exit code, and the watcher's log line quotes its outcome.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -192,6 +198,32 @@ class CliRunner:
             path.unlink(missing_ok=True)
 
 
+class DataLink:
+    """DROP/..data, the link a ConfigMap-shaped mount flips: which keys a flip changed."""
+
+    NAME = "..data"
+
+    def __init__(self, drop: Path) -> None:
+        self.drop = drop
+        self.seen = self.read()  # what serves already: not a change
+
+    def read(self) -> str | None:
+        try:
+            return os.readlink(self.drop / self.NAME)
+        except OSError:
+            return None
+
+    def flipped(self) -> list[Path]:
+        """The entries reached through ..data, if it names another folder since last time."""
+        target = self.read()
+        if target is None or target == self.seen:
+            return []
+        self.seen = target
+        prefix = f"{self.NAME}/"
+        return sorted(entry for entry in self.drop.iterdir() if entry.is_symlink()
+                      and os.readlink(entry).startswith(prefix))
+
+
 class Watcher:
     def __init__(self, planner: Planner, runner: Runner, log: Callable[[str], None],
                  clock: Callable[[], float] = time.monotonic, verbose: bool = False,
@@ -204,6 +236,7 @@ class Watcher:
         self.results: list[tuple[Action, Outcome]] = []
         self.link = link  # ROOT/current: only named in actions and log lines
         self._current = runner.current()
+        self.mount = DataLink(planner.drop)
 
     def feed(self, paths: Iterable[Path]) -> None:
         now = self.clock()
@@ -262,7 +295,7 @@ class Watcher:
                 ready = True
                 self.log(f"watching {self.planner.drop} (quiet period "
                          f"{self.planner.quiet:g}s)")
-            self.feed(sorted(batch))
+            self.feed([*sorted(batch), *self.mount.flipped()])
             self.check_current()
             if stop.is_set():
                 break
