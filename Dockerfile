@@ -2,8 +2,12 @@
 #   docker build -t hotswap:0.1.0 .        (or: podman build -t hotswap:0.1.0 .)
 # Checked here with hadolint (tests/test_manifests.py); see the doc for what was run here.
 
+# BASE: any Debian-like image with Python 3.11 at `python` (and its headers, for the builder);
+# a local one where no registry is reachable (docs/containers.md).
+ARG BASE=python:3.11-slim-bookworm
+
 # -- builder: uWSGI has no wheel on PyPI, so it is compiled once, here, into a venv ------------
-FROM python:3.11-slim-bookworm AS builder
+FROM ${BASE} AS builder
 # hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends gcc libc6-dev \
@@ -22,7 +26,8 @@ RUN /opt/hotswap/venv/bin/python scripts/gen_resource.py --terms "${TERMS}" --ve
         --point --if-missing
 
 # -- runtime: no compiler, a non-root user, the store on a volume -----------------------------
-FROM python:3.11-slim-bookworm
+# hadolint ignore=DL3006
+FROM ${BASE}
 RUN groupadd --system --gid 10001 hotswap \
  && useradd --system --uid 10001 --gid hotswap --home-dir /srv/hotswap --shell /usr/sbin/nologin hotswap
 COPY --from=builder /opt/hotswap/venv /opt/hotswap/venv

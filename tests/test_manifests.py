@@ -65,7 +65,7 @@ def test_image_and_manifests_agree_with_the_kit():
     assert "http-socket = %(run_dir)/http.sock" in (REPO / "srv.ini").read_text()
 
 
-BASE = re.search(r"^FROM (\S+) AS builder$", DOCKERFILE, re.M).group(1)
+BASE = re.search(r"^ARG BASE=(\S+)$", DOCKERFILE, re.M).group(1)
 
 
 def runtime() -> str | None:
