@@ -26,7 +26,7 @@ from .releases import release as rel
 from .releases import watch as watcher
 from .service import checks, scaffold
 from .service import instance as inst
-from .service.supervisor import Supervisor
+from .service.supervisor import DEFAULT_GRACE, Supervisor, refuse_exec_as_pid1
 from .swap import probe
 from .swap.reload import Phase, reload, write_last_reload
 from .system import memory, notify
@@ -99,12 +99,23 @@ def main(ctx: click.Context, ini: str) -> None:
 @click.option(
     "--exec/--supervise", "exec_mode", default=None,
     help="Replace this process with uWSGI (default under systemd) or stay in the "
-    "foreground across swaps as a subreaper (default in a terminal).",
+    "foreground across swaps as a subreaper (default in a terminal and as a container's "
+    "PID 1).",
 )
+@click.option("--grace", type=click.FloatRange(min=0.0), envvar="HOTSWAP_GRACE",
+              default=DEFAULT_GRACE, show_default=True,
+              help="Seconds from SIGTERM/Ctrl-C for in-flight requests to finish; past it what "
+              "still runs is killed and start exits 5 (env HOTSWAP_GRACE; keep it under "
+              "Kubernetes' terminationGracePeriodSeconds).")
 @pass_context
-def start(ctx: Context, exec_mode: bool | None) -> None:
-    """Run the service in the foreground (what systemd's ExecStart runs)."""
+def start(ctx: Context, exec_mode: bool | None, grace: float) -> None:
+    """Run the service in the foreground (what systemd's ExecStart runs, and a container's
+    entrypoint)."""
     cfg = ctx.cfg
+    if exec_mode is None:
+        exec_mode = "NOTIFY_SOCKET" in os.environ
+    if exec_mode:
+        refuse_exec_as_pid1()
     checks.refuse_unsafe(cfg)
     lock_fd, removed = inst.prepare_start(cfg)
     for path in removed:
@@ -116,13 +127,11 @@ def start(ctx: Context, exec_mode: bool | None) -> None:
         # READY=1 (master up, app maybe not) must not reach it.
         env["HOTSWAP_NOTIFY_SOCKET"] = env.pop("NOTIFY_SOCKET")
     argv = [str(cfg.uwsgi), "--ini", str(cfg.ini)]
-    if exec_mode is None:
-        exec_mode = "HOTSWAP_NOTIFY_SOCKET" in env
     click.echo(here(f"hotswap: starting uWSGI on {cfg.http_socket} (log: {cfg.log_file})"),
                err=True)
     if exec_mode:
         os.execve(argv[0], argv, env)
-    sys.exit(Supervisor(cfg, argv, env, lock_fd).run())
+    sys.exit(Supervisor(cfg, argv, env, lock_fd, grace).run())
 
 
 class Margin(click.ParamType):
@@ -519,7 +528,8 @@ def watch_cmd(ctx: Context, drop: Path | None, quiet: float, keep: int, follow_c
               verbose: bool, force: bool, memory_margin: float) -> None:
     """Deploy or refresh what lands in DROP (default ROOT/drop), one action at a time; reload
     when `current` is flipped to a release that does not serve."""
-    layout = rel.layout_of(ctx.cfg)
+    # a DROP of stores only (a mounted volume, say) needs no release layout; its default does
+    layout = rel.Layout(ctx.cfg.ini.parent) if drop else rel.layout_of(ctx.cfg)
     drop = (drop or layout.root / "drop").absolute()
     drop.mkdir(parents=True, exist_ok=True)
     stop = threading.Event()

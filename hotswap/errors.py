@@ -34,7 +34,8 @@ MEANING = {
     ExitCode.BUSY: "busy: a reload is in progress, an old master is still draining, or "
     "start found a live instance",
     ExitCode.TIMEOUT: "timeout: reload rolled back a new generation that was too slow (the "
-    "old one still serves); stop found the master still draining",
+    "old one still serves); stop found the master still draining; start: the grace after "
+    "SIGTERM/Ctrl-C ran out, and what still ran was killed",
     ExitCode.INCONSISTENT: "a state the kit will not guess about; the message says what to "
     "do; reload: the serving generation does not answer /healthz (--force swaps anyway); "
     "status: it runs but something is wrong (each problem named, with its fix)",

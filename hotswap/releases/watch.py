@@ -31,6 +31,11 @@ Rules (the Planner; tests/test_watch.py drives it on a fake clock in millisecond
   period: if the release it names is not the one serving, and no swap is under way, the
   watcher runs `hotswap reload` (a deploy's own flip is found serving, and left alone).
 
+A Kubernetes ConfigMap or Secret volume (or any mount of that shape) as DROP: each key is a
+link `KEY -> ..data/KEY`, and an update flips `..data` to a new hidden folder by rename, so
+the keys' own names may not change at all. DataLink polls `..data` each turn, as `current`
+is; on a flip, every key reached through it counts as changed (docs/containers.md).
+
 The loop only reads filesystem batches from watchfiles (inotify underneath) and asks the
 Planner; actions run as `hotswap` subprocesses, so each one gets the CLI's own signal
 handling, lock and exit code, and the watcher's log line quotes its outcome.
@@ -38,6 +43,7 @@ handling, lock and exit code, and the watcher's log line quotes its outcome.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -229,6 +235,32 @@ def _read(handle) -> str:
     return handle.read()
 
 
+class DataLink:
+    """DROP/..data, the link a ConfigMap-shaped mount flips: which keys a flip changed."""
+
+    NAME = "..data"
+
+    def __init__(self, drop: Path) -> None:
+        self.drop = drop
+        self.seen = self.read()  # what serves already: not a change
+
+    def read(self) -> str | None:
+        try:
+            return os.readlink(self.drop / self.NAME)
+        except OSError:
+            return None
+
+    def flipped(self) -> list[Path]:
+        """The entries reached through ..data, if it names another folder since last time."""
+        target = self.read()
+        if target is None or target == self.seen:
+            return []
+        self.seen = target
+        prefix = f"{self.NAME}/"
+        return sorted(entry for entry in self.drop.iterdir() if entry.is_symlink()
+                      and os.readlink(entry).startswith(prefix))
+
+
 class Watcher:
     def __init__(self, planner: Planner, runner: Runner, log: Callable[[str], None],
                  clock: Callable[[], float] = time.monotonic, verbose: bool = False,
@@ -244,6 +276,7 @@ class Watcher:
         self.scan = scan  # what DROP holds at start (landed while no watcher ran)
         self._current = runner.current()
         self._waiting: dict[Path, int] = {}  # entry -> the writer last reported
+        self.mount = DataLink(planner.drop)
 
     def ready(self, action: Action) -> bool:
         """Whether a drop entry may be acted on now: it is still there, a deploy the last
@@ -344,7 +377,7 @@ class Watcher:
                     self.log(f"found {len(found)} entries at start: "
                              f"{', '.join(p.name for p in found)}")
                     self.feed(found)
-            self.feed(sorted(batch))
+            self.feed([*sorted(batch), *self.mount.flipped()])
             self.check_current()
             if stop.is_set():
                 break

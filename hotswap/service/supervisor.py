@@ -11,6 +11,13 @@ to a handle_<name> method; children are reaped in the same loop.
 Ctrl-C (or SIGTERM) during a reload waits for the reload to settle (it holds the reload lock,
 and either commits or rolls back), then stops whatever serves: never a new generation left
 running after "stopping". It exits non-zero if uWSGI exits before any generation served.
+
+As a container's PID 1 (docs/containers.md) it is the same loop: PID 1 reaps every orphan of
+its namespace anyway, and signals reach it because it blocks and waits for them (PID 1 gets
+no default action, so a handler-less SIGTERM would be ignored). A stop has a grace (--grace,
+HOTSWAP_GRACE, 25 s: inside Kubernetes' default terminationGracePeriodSeconds of 30): past
+it, whatever still runs is SIGKILLed and start exits 5, before the kubelet's own SIGKILL
+would take PID 1 and, with it, every process of the namespace at once.
 """
 
 from __future__ import annotations
@@ -20,9 +27,10 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 from ..config import Config, here
-from ..errors import HotswapError
+from ..errors import ExitCode, HotswapError
 from ..protocol import record
 from ..swap import lock
 from ..system import procs
@@ -30,6 +38,7 @@ from . import instance
 
 PR_SET_CHILD_SUBREAPER = 36
 WAKE_SIGNALS = {signal.SIGCHLD, signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT}
+DEFAULT_GRACE = 25.0  # seconds from SIGTERM to SIGKILL of what still runs; Kubernetes: 30
 
 
 def _become_subreaper() -> None:
@@ -38,9 +47,23 @@ def _become_subreaper() -> None:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
 
 
+def refuse_exec_as_pid1() -> None:
+    """`start --exec` as PID 1 would make the first uWSGI master PID 1: at the first swap it
+    exits, and the kernel kills the namespace with it, the new generation included."""
+    if os.getpid() == 1:
+        raise HotswapError(
+            "start --exec refused: this process is PID 1 (a container's entrypoint), and the "
+            "first master would be PID 1: its exit at the first swap kills every process of "
+            "the container; run `hotswap start` (it supervises as PID 1)", ExitCode.CONFIG)
+
+
 class Supervisor:
-    def __init__(self, cfg: Config, argv: list[str], env: dict[str, str], keep_fd: int) -> None:
+    def __init__(self, cfg: Config, argv: list[str], env: dict[str, str], keep_fd: int,
+                 grace: float = DEFAULT_GRACE) -> None:
         self.cfg = cfg
+        self.grace = grace
+        self.stop_deadline: float | None = None  # monotonic; set by the first SIGTERM/SIGINT
+        self.grace_over = False
         self.argv = argv
         self.env = env
         self.keep_fd = keep_fd  # the instance lock, held by uWSGI too
@@ -64,6 +87,8 @@ class Supervisor:
             self.announce()
             if self.stopping and not self.stop_sent:
                 self.try_stop()
+            if self.stopping and not self.grace_over and time.monotonic() > self.stop_deadline:
+                self.end_grace()
             info = signal.sigtimedwait(WAKE_SIGNALS, 0.5)
             if info is not None and info.si_signo != signal.SIGCHLD:
                 name = signal.Signals(info.si_signo).name.lower()
@@ -73,6 +98,8 @@ class Supervisor:
             print(f"hotswap: uWSGI exited before any generation served (exit "
                   f"{self.exit_code}); see {self.cfg.log_file}", file=sys.stderr)
             return 1
+        if self.grace_over:
+            return ExitCode.TIMEOUT
         if self.stopping or self.exit_code == 0:
             print("hotswap: stopped", file=sys.stderr)
         return self.exit_code
@@ -114,6 +141,7 @@ class Supervisor:
             self.handle_sigquit()
             return
         self.stopping = True
+        self.stop_deadline = time.monotonic() + self.grace
         reloading = lock.holder(self.cfg)
         if reloading:
             print(f"hotswap: stopping once the reload in progress (pid {reloading}) settles "
@@ -132,6 +160,18 @@ class Supervisor:
         self.stop_sent = True
 
     handle_sigterm = handle_sigint
+
+    def end_grace(self) -> None:
+        """The grace is over: SIGKILL every process still running (a master still draining,
+        a reload still loading), so that start exits on its own, with 5, and says who."""
+        self.grace_over = True
+        left = procs.descendants(os.getpid())
+        for pid in left:
+            procs.signal_quietly(pid, signal.SIGKILL)
+        print(f"hotswap: still running {self.grace:g}s after the stop began (the grace, "
+              f"--grace or HOTSWAP_GRACE): killed pid {', '.join(map(str, left)) or 'none'}; "
+              f"their in-flight requests are lost; next: hotswap --ini {self.cfg.ini} start",
+              file=sys.stderr)
 
     def handle_sigquit(self) -> None:
         for pid in procs.children(os.getpid()):
