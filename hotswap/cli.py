@@ -105,7 +105,7 @@ def start(ctx: Context, exec_mode: bool | None) -> None:
     argv = [str(cfg.uwsgi), "--ini", str(cfg.ini)]
     if exec_mode is None:
         exec_mode = "HOTSWAP_NOTIFY_SOCKET" in env
-    click.echo(here(f"hotswap: starting uWSGI on {cfg.http_socket} (log: {cfg.log_file})"),
+    click.echo(here(f"hotswap: starting uWSGI on {cfg.socket} (log: {cfg.log_file})"),
                err=True)
     if exec_mode:
         os.execve(argv[0], argv, env)
@@ -284,16 +284,17 @@ def _format_memory(room: dict) -> str:
 @click.option("--timeout", type=click.FloatRange(min=0.01), default=5.0, show_default=True)
 @click.option("--expect-status", type=click.IntRange(100, 599), default=200, show_default=True)
 @click.option("--socket", "socket_path", type=click.Path(dir_okay=False),
-              help="Unix socket to probe (default: http-socket from the ini).")
+              help="Socket to probe over HTTP: a unix path or host:port (default: the ini's "
+              "probed socket, in its protocol).")
 @pass_context
 def probe_cmd(ctx: Context, path: str | None, timeout: float, expect_status: int,
               socket_path: str | None) -> None:
-    """GET PATH over the unix socket; exit 0 OK, 1 wrong status, 2 no answer, 3 unknown."""
+    """GET PATH on the service's socket; exit 0 OK, 1 wrong status, 2 no answer, 3 unknown."""
     if path is not None and not path.startswith("/"):
         click.echo(f"hotswap probe: UNKNOWN - path must start with '/': {path!r}", err=True)
         sys.exit(PROBE_UNKNOWN)
     try:
-        target = socket_path or str(ctx.cfg.http_socket)
+        target = socket_path or ctx.cfg.socket
         path = path or ctx.cfg.health_path
     except HotswapError as error:
         click.echo(f"hotswap probe: UNKNOWN - {error.message}", err=True)

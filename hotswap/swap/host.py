@@ -223,7 +223,7 @@ class RealHost:
         return uwsgilog.read_since(self.cfg.log_file, mark)
 
     def healthz(self, timeout: float) -> dict | None:
-        return probe.healthz(self.cfg.http_socket, timeout=timeout, path=self.cfg.health_path)
+        return probe.healthz(self.cfg.socket, timeout=timeout, path=self.cfg.health_path)
 
     def stats(self) -> dict | None:
         return stats.read(self.cfg.stats_socket)
