@@ -278,6 +278,20 @@ def _format_memory(room: dict) -> str:
             f"{verdict}, {headroom} {'spare' if room['fits'] else 'short'}")
 
 
+@main.command()
+@pass_context
+def check(ctx: Context) -> None:
+    """Say what start and reload would refuse in the ini, and what it sets that the kit
+    supports, without starting anything; exit 2 if anything is refused."""
+    findings = checks.review(ctx.cfg)
+    for finding in findings:
+        click.echo(here(f"{finding.verdict:<10} {finding.message}"))
+    refused = sum(finding.verdict == checks.REFUSED for finding in findings)
+    if refused:
+        raise HotswapError(f"{refused} refusal(s) in {ctx.cfg.ini}: fix each line marked "
+                           "refused, then `hotswap check` again", ExitCode.CONFIG)
+
+
 @main.command(name="probe")
 @click.option("--path", default=None, help="Path to GET (default: the ini's health path, "
               "hotswap-health, else /healthz).")

@@ -85,6 +85,25 @@ def _unheld(cfg: Config, master: int) -> list[Change]:
     return found
 
 
+# uWSGI's Emperor hands each vassal the end of a socketpair in this variable (core/emperor.c)
+EMPEROR_FD = "UWSGI_EMPEROR_FD"
+
+
+def emperor_refusal(master: int) -> str | None:
+    """Why a vassal of uWSGI's Emperor cannot be swapped by a re-fork, or None if `master`
+    is no vassal. Seen by experiment (tests/test_options.py): after "1f" the old master
+    retires, the new one reads EOF on the emperor pipe it inherited ("lost connection with my
+    emperor !!!"), kills its workers, and the Emperor respawns the vassal cold."""
+    if EMPEROR_FD not in procs.environ(master):
+        return None
+    info = procs.stat(master)
+    emperor = f"pid {info.ppid}" if info else "its parent"
+    return (f"master {master} is a vassal of uWSGI's Emperor ({emperor}): a re-forked vassal "
+            "loses its emperor pipe and the Emperor restarts it cold, dropping requests; "
+            "reload it the Emperor's way (touch its ini), or run it outside the Emperor with "
+            "`hotswap start` (e.g. under systemd, deploy/hotswap.service)")
+
+
 def refusal(found: list[Change]) -> str:
     return (f"{'; '.join(map(str, found))}: a reload cannot apply this (the new generation "
             "inherits the running one's sockets, user and FIFOs); restart to apply it "

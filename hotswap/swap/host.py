@@ -167,6 +167,10 @@ class RealHost:
         reattach(item)
 
     def config_drift(self, master: int) -> list[str]:
+        """What a re-fork of `master` cannot apply: a changed ini key, or an Emperor."""
+        emperor = drift.emperor_refusal(master)
+        if emperor:
+            return [emperor]
         found = drift.changes(self.cfg, master)
         return [drift.refusal(found)] if found else []
 

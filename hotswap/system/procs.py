@@ -222,6 +222,17 @@ def unix_sockets(pid: int) -> set[str]:
     return {row[7] for row in rows if len(row) >= 8 and row[6] in inodes}
 
 
+def environ(pid: int) -> dict[str, str]:
+    """The environment pid started with ({} if unreadable: gone, or another user's)."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as handle:
+            raw = handle.read()
+    except OSError:
+        return {}
+    pairs = (item.decode(errors="replace").partition("=") for item in raw.split(b"\0") if item)
+    return {key: value for key, _, value in pairs}
+
+
 def session_leaders_below(pid: int) -> list[int]:
     """Live children of pid that lead their own session: for a uWSGI master, the masters it
     re-forked ("f" calls setsid() in the child), as opposed to its workers."""
