@@ -1,6 +1,6 @@
 """uWSGI options that change a swap, each supported and swapped under load, or refused with one
-line by `start`, `check` and `reload`: cheaper, max-requests, harakiri; lazy-apps,
-the `http =` router, an Emperor (a real `uwsgi --emperor` with one vassal)."""
+line by `start`, `check` and `reload`: cheaper, max-requests, harakiri (supported); threads,
+lazy-apps, the `http =` router, an Emperor (a real `uwsgi --emperor` with one vassal)."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ harakiri = 30
 """
 
 REFUSED = {
+    "threads": ("threads = 4", "sets threads = 4: the hand-over's pause"),
     "lazy-apps": ("lazy-apps = true", "sets lazy-apps = true: the app would import in each "
                   "worker"),
     "http router": ("http = 127.0.0.1:{port}", "sets http = 127.0.0.1:{port}: that router is "

@@ -30,7 +30,7 @@ SUPPORTED = {
     "enable-threads": "threads the app starts at import run in each worker",
 }
 KEYS = ["need-app", "vacuum", "stats", "hook-accepting", "lazy-apps", "lazy", "emperor",
-        *GATEWAYS]
+        "threads", *GATEWAYS]
 TRUE = {"1", "true", "yes", "on", "y", "t"}
 
 
@@ -76,6 +76,14 @@ def problems(cfg: Config, version: tuple[int, ...] | None,
                          "in the master, so a release that fails to import is respawned "
                          "forever instead of failing fast; remove it (each swap already "
                          "imports the release afresh, in a new master)")
+    threads = values.get("threads") or "1"
+    if threads.isdigit() and int(threads) > 1:
+        # seen with uWSGI 2.0.31, threads = 4 under load: the old workers stayed suspended
+        # after "q", past worker-reload-mercy, until killed
+        found.append(f"{ini} sets threads = {threads}: the hand-over's pause (\"p\") suspends "
+                     "every thread of the old workers and uWSGI's graceful stop never wakes "
+                     "them, so the old generation never exits and the next reload is refused; "
+                     "use processes instead of threads (or threads = 1)")
     for key in GATEWAYS:
         if values.get(key):
             found.append(f"{ini} sets {key} = {values[key]}: that router is a process of its "
