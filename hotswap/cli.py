@@ -17,7 +17,7 @@ from .errors import MEANING, ExitCode, HotswapError
 from .releases import refresh as data_refresh
 from .releases import release as rel
 from .releases import watch as watcher
-from .service import checks, scaffold
+from .service import adopt, checks, scaffold
 from .service import instance as inst
 from .service.supervisor import Supervisor
 from .swap import probe
@@ -344,17 +344,27 @@ def recover(ctx: Context) -> None:
 
 
 @main.command()
-@click.option("--app", "app", required=True, metavar="MODULE:CALLABLE",
+@click.option("--app", "app", metavar="MODULE:CALLABLE",
               help="The WSGI app to serve: package.module:callable, or "
               "package.module:factory() for an application factory.")
+@click.option("--from", "their_ini", type=click.Path(dir_okay=False, path_type=Path),
+              help="Your existing uwsgi.ini: keep its app and tuning, add the kit's contract, "
+              "write NAME.hotswap.ini beside it (never over it).")
 @click.option("--dir", "project", default=".", show_default=True,
               type=click.Path(file_okay=False), help="The project folder.")
 @click.option("--user", help="The service user of the systemd unit (default: you).")
 @click.option("--health-path", default="/healthz", show_default=True,
               help="The path the kit's middleware answers (hotswap-health in srv.ini).")
 @click.option("--force", is_flag=True, help="Overwrite an existing srv.ini / hotswap.service.")
-def init(app: str, project: str, user: str | None, health_path: str, force: bool) -> None:
+def init(app: str | None, their_ini: Path | None, project: str, user: str | None,
+         health_path: str, force: bool) -> None:
     """Write srv.ini (the kit's settings, serving APP) and hotswap.service into a project."""
+    if their_ini is not None:
+        _adopt(their_ini, force)
+        return
+    if not app:
+        raise HotswapError("init needs --app MODULE:CALLABLE, or --from YOUR.ini",
+                           ExitCode.CONFIG)
     written = scaffold.init(Path(project), app, user, force, health_path)
     for path in written.paths:
         click.echo(here(f"wrote {path}"))
@@ -362,6 +372,15 @@ def init(app: str, project: str, user: str | None, health_path: str, force: bool
         click.echo(here(f"hotswap: warning: {warning}"), err=True)
     ini = here(str(written.paths[0]))
     click.echo(f"next: hotswap --ini {ini} start   (then `reload` for each new release)")
+
+
+def _adopt(their_ini: Path, force: bool) -> None:
+    adopted = adopt.adopt(their_ini, force)
+    for line in adopted.changes:
+        click.echo(here(f"changed  {line}"))
+    for line in adopted.refused:
+        click.echo(here(f"refused  {line}"))
+    click.echo(here(f"wrote {adopted.path}; next: hotswap --ini {adopted.path} check"))
 
 
 # -- releases (docs/releases.md) --------------------------------------------------------------

@@ -166,7 +166,8 @@ def load(ini: str | os.PathLike) -> Config:
         missing.append(" or ".join(endpoint.SOCKET_KEYS))
     if missing:
         raise HotswapError(
-            f"{ini_path} does not set {', '.join(missing)} (see the srv.ini shipped with hotswap)",
+            f"{ini_path} does not set {', '.join(missing)} (see the srv.ini shipped with "
+            f"hotswap; for an ini of your own: `hotswap init --from {ini_path.name}`)",
             ExitCode.CONFIG,
         )
     try:

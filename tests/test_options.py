@@ -11,10 +11,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from app_util import InitProject, plain_project
-from test_nginx import free_port
-from test_sockets import swaps_under_load, with_sockets
+from app_util import PLAIN_APP, InitProject, plain_project
+from conftest import Service
+from test_nginx import NGINX, free_port
+from test_sockets import swaps_behind_uwsgi_pass, swaps_under_load, with_sockets
 
+from hotswap.protocol.endpoint import UWSGI, Endpoint
 from hotswap.service import checks
 from hotswap.system import procs
 
@@ -115,3 +117,122 @@ def test_an_emperor_vassal_is_refused_before_forking(tmp_path: Path):
                 procs.signal_quietly(pid, signal.SIGKILL)
         emperor.wait(timeout=30)
         project.teardown()
+
+
+# -- init --from: inis shaped like the ones teams run ---------------------------------------
+SHOP = '''\
+"""A Flask shop: its prices load at import."""
+from flask import Flask
+
+VERSION = "@VERSION@"
+PRICES = {f"p{i}": i for i in range(5000)}
+app = Flask(__name__)
+
+
+@app.get("/price/<name>")
+def price(name):
+    return {"name": name, "price": PRICES.get(name), "version": VERSION}
+'''
+FLASK_UWSGI_PASS = """\
+[uwsgi]
+; the shop, behind nginx uwsgi_pass
+chdir = %d
+wsgi-file = shop.py
+callable = app
+socket = %drun/uwsgi.sock
+chmod-socket = 660
+master = true
+processes = 2
+vacuum = true
+max-requests = 1000
+daemonize = /var/log/shop.log
+"""
+PLAIN_TCP = """\
+[uwsgi]
+module = plainapp:application
+http-socket = 127.0.0.1:{port}
+master = true
+processes = 2
+harakiri = 30
+pidfile = /tmp/plain.pid
+"""
+REFUSED_SHAPE = """\
+[uwsgi]
+module = plainapp:application
+http = 127.0.0.1:{port}
+master = true
+processes = 2
+threads = 4
+lazy-apps = true
+"""
+
+
+class Adopted(InitProject):
+    """A project whose srv.ini is `init --from` their ini (written beside it)."""
+
+    def __init__(self, root: Path, source: str, module_path: str, theirs: str,
+                 paths: tuple[str, ...]) -> None:
+        Service.__init__(self, root, sample=False)  # not InitProject's: no `init --app`
+        self.health_path, self.source, self.paths = "/healthz", source, paths
+        self.module_file = root / module_path
+        self.release_app("r1")
+        (root / "uwsgi.ini").write_text(theirs)
+        self.adopted = self.cli("init", "--from", str(root / "uwsgi.ini"))
+        assert self.adopted.returncode == 0, self.adopted.stderr
+        self.ini = root / "uwsgi.hotswap.ini"
+        assert (root / "uwsgi.ini").read_text() == theirs  # never written over
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path(NGINX).exists(), reason="nginx is not installed")
+def test_init_from_a_flask_uwsgi_pass_ini_swaps_behind_nginx(tmp_path: Path):
+    project = Adopted(tmp_path, SHOP, "shop.py", FLASK_UWSGI_PASS,
+                      ("/healthz", *(f"/price/p{i}" for i in range(40))))
+    said = project.adopted.stdout
+    assert "hotswap-app = shop:app" in said and "vacuum = true -> the kit's contract" in said
+    assert "daemonize = /var/log/shop.log -> " in said and "refused" not in said
+    checked = project.cli("check")
+    assert checked.returncode == 0 and "max-requests = 1000" in checked.stdout, checked
+    sock = project.run_dir / "uwsgi.sock"
+    project.socket = Endpoint(str(sock), UWSGI, "socket")
+    try:
+        project.start()
+        swaps_behind_uwsgi_pass(project, sock)
+    finally:
+        project.teardown()
+
+
+@pytest.mark.slow
+def test_init_from_a_tcp_ini_serves_and_reloads(tmp_path: Path):
+    port = free_port()
+    project = Adopted(tmp_path, PLAIN_APP, "plainapp.py", PLAIN_TCP.format(port=port),
+                      ("/healthz",))
+    assert "pidfile = /tmp/plain.pid -> the kit's contract" in project.adopted.stdout
+    assert project.cli("check").returncode == 0
+    project.socket = f"127.0.0.1:{port}"
+    try:
+        first = project.start()
+        assert project.cli("probe").returncode == 0
+        project.release_app("r2")
+        done = project.cli("reload")
+        assert done.returncode == 0, done.stderr
+        assert project.health()["master_pid"] != first["master_pid"]
+        assert project.cli("status").returncode == 0
+    finally:
+        project.teardown()
+
+
+def test_init_from_an_ini_the_kit_refuses_says_each_refusal(tmp_path: Path):
+    port = free_port()
+    theirs = REFUSED_SHAPE.format(port=port)
+    project = Adopted(tmp_path, PLAIN_APP, "plainapp.py", theirs, ("/healthz",))
+    refused = [line for line in project.adopted.stdout.splitlines()
+               if line.startswith("refused")]
+    assert [line.split()[1] for line in refused] == ["http", "threads", "lazy-apps"], refused
+    checked = project.cli("--ini", str(tmp_path / "uwsgi.ini"), "check")
+    assert checked.returncode == 2, checked  # their own ini has none of the kit's keys
+    assert checked.stderr.strip().endswith("`hotswap init --from uwsgi.ini`)"), checked.stderr
+    assert len(checked.stderr.splitlines()) == 1
+    written = project.cli("check")
+    assert written.returncode == 0, written.stdout
+    assert "; hotswap: left out" in project.ini.read_text()

@@ -100,6 +100,14 @@ def swaps_under_load(project: InitProject, target) -> None:
     assert project.cli("status").returncode == 0
 
 
+def swaps_behind_uwsgi_pass(project: InitProject, sock: Path) -> None:
+    """swaps_under_load() through a real nginx with deploy/nginx-uwsgi-site.conf."""
+    port = free_port()
+    with nginx_in_front(project, port, site_name="nginx-uwsgi-site.conf",
+                        shipped_socket="/run/hotswap/uwsgi.sock", socket=str(sock)):
+        swaps_under_load(project, ("127.0.0.1", port))
+
+
 @pytest.fixture
 def tcp_project(tmp_path: Path):
     project = plain_project(tmp_path)
@@ -151,9 +159,6 @@ def test_only_a_uwsgi_socket_swaps_behind_nginx_uwsgi_pass(tmp_path: Path):
         assert status["socket_protocol"] == "uwsgi" and status["socket_state"] == "listening"
         probed = project.cli("probe")
         assert probed.returncode == 0 and probed.stdout.startswith("OK - GET /healthz -> 200")
-        port = free_port()
-        with nginx_in_front(project, port, site_name="nginx-uwsgi-site.conf",
-                            shipped_socket="/run/hotswap/uwsgi.sock", socket=str(sock)):
-            swaps_under_load(project, ("127.0.0.1", port))
+        swaps_behind_uwsgi_pass(project, sock)
     finally:
         project.teardown()
