@@ -251,7 +251,8 @@ def _format_status(report: dict) -> str:
     if report.get("release"):
         lines.append(f"release     {report['release']['serving'] or '?'} serves; current -> "
                      f"{report['release']['current']}")
-    lines.append(f"socket       {report['socket_state']:<10} {report['socket']}")
+    protocol = " (uwsgi protocol)" if report.get("socket_protocol") == "uwsgi" else ""
+    lines.append(f"socket       {report['socket_state']:<10} {report['socket']}{protocol}")
     lines.append(f"log         {report['log_file']}")
     if report["reload_in_progress"]:
         lines.append(f"reload      in progress (pid {report['reload_in_progress']})")

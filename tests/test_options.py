@@ -17,7 +17,7 @@ from test_nginx import NGINX, free_port
 from test_sockets import swaps_behind_uwsgi_pass, swaps_under_load, with_sockets
 
 from hotswap.protocol.endpoint import UWSGI, Endpoint
-from hotswap.service import checks
+from hotswap.service import adopt, checks
 from hotswap.system import procs
 
 TUNED = """\
@@ -236,3 +236,16 @@ def test_init_from_an_ini_the_kit_refuses_says_each_refusal(tmp_path: Path):
     written = project.cli("check")
     assert written.returncode == 0, written.stdout
     assert "; hotswap: left out" in project.ini.read_text()
+
+
+def test_their_app_becomes_hotswap_app(tmp_path: Path):
+    (tmp_path / "web").mkdir()
+    assert adopt.app_of({"module": ["site_.wsgi:application"]}, tmp_path) == \
+        "site_.wsgi:application"
+    assert adopt.app_of({"module": ["site_.wsgi"], "callable": ["app"]}, tmp_path) == \
+        "site_.wsgi:app"
+    assert adopt.app_of({"wsgi-file": ["web/main.py"]}, tmp_path) == "web.main:application"
+    assert adopt.app_of({"wsgi-file": ["main.py"], "chdir": [str(tmp_path / "web")],
+                         "callable": ["app"]}, tmp_path) == "main:app"
+    with pytest.raises(adopt.HotswapError, match="names no app"):
+        adopt.app_of({}, tmp_path)

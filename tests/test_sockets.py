@@ -157,6 +157,7 @@ def test_only_a_uwsgi_socket_swaps_behind_nginx_uwsgi_pass(tmp_path: Path):
         project.start()
         status = json.loads(project.cli("status", "--json").stdout)
         assert status["socket_protocol"] == "uwsgi" and status["socket_state"] == "listening"
+        assert "listening  run/uwsgi.sock (uwsgi protocol)" in project.cli("status").stdout
         probed = project.cli("probe")
         assert probed.returncode == 0 and probed.stdout.startswith("OK - GET /healthz -> 200")
         swaps_behind_uwsgi_pass(project, sock)

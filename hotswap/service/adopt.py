@@ -29,10 +29,12 @@ OWNED = {
     "vacuum": "vacuum unlinks the socket the new generation serves on",
     "die-on-term": "SIGTERM stops", "hook-accepting": "the kit's hand-over hook",
     "hook-pre-app": "the loading generation's OOM score", "log-reopen": "each generation "
-    "reopens the log", "chdir": "the project's folder", "pythonpath": "the project's folder",
+    "reopens the log", "chdir": "the project's folder",
 }
+# list options: theirs are kept beside the kit's (another path on sys.path harms nothing)
+ADDED = {"pythonpath"}
 # their app keys: turned into hotswap-app (the kit's entry point wraps the app)
-APP_KEYS = ["module", "wsgi-file", "wsgi", "callable", "chdir", "pythonpath"]
+APP_KEYS = ["module", "wsgi-file", "wsgi", "callable", "chdir"]
 SECTION = re.compile(r"^\s*\[(?P<name>[^\]]+)\]\s*$")
 LINE = re.compile(r"^\s*(?P<key>[A-Za-z0-9_.-]+)\s*=\s*(?P<value>.*?)\s*$")
 
@@ -104,7 +106,7 @@ def adopt(their: Path, force: bool = False) -> Adopted:
     app = app_of(values, their.parent)
     elsewhere = values.get("chdir") and Path(values["chdir"][0]).resolve() != their.parent
     owned = {key: why for key, why in OWNED.items()
-             if not (elsewhere and key in ("chdir", "pythonpath"))}  # their app's folder
+             if not (elsewhere and key == "chdir")}  # their app's folder, not the ini's
     result = Adopted(out, [f"app: served through the kit's entry point as hotswap-app = {app} "
                            "(its health path, smoke checks, X-Generation)"])
     ini = scaffold.render_ini(app, their.parent)
@@ -121,14 +123,14 @@ def adopt(their: Path, force: bool = False) -> Adopted:
             result.changes.append(f"{key} = {value} -> the kit's contract: {owned[key]}")
         elif key not in APP_KEYS or (elsewhere and key == "chdir"):
             kept.append(f"{key} = {value}")
-    if elsewhere and not values.get("pythonpath"):
-        kept.append(f"pythonpath = {values['chdir'][0]}")
+    if elsewhere:
+        kept.append(f"pythonpath = {values['chdir'][0]}")  # where hotswap-app imports from
     keys = {line.split(" ", 1)[0] for line in kept if not line.startswith(";")}
     if keys & set(SOCKET_KEYS):  # their sockets replace the kit's unix http-socket
         ini = re.sub(r"^http-socket = .*\n", "", ini, flags=re.M)
     # their tuning replaces the kit's default for the same key (a repeated scalar is confusing)
     ini = "".join(line for line in ini.splitlines(keepends=True)
-                  if (LINE.match(line) or {"key": None})["key"] not in keys - set(owned))
+                  if (LINE.match(line) or {"key": None})["key"] not in keys - set(owned) - ADDED)
     header = f"; ======== from {their.name} (their app's own lines, as written) ========\n"
     files.atomic_write(out, ini + "\n" + header + "".join(f"{line}\n" for line in kept))
     return result
