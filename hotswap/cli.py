@@ -24,7 +24,7 @@ from .errors import MEANING, ExitCode, HotswapError
 from .releases import refresh as data_refresh
 from .releases import release as rel
 from .releases import watch as watcher
-from .service import checks, scaffold
+from .service import adopt, checks, scaffold
 from .service import instance as inst
 from .service.supervisor import DEFAULT_GRACE, Supervisor, refuse_exec_as_pid1
 from .swap import probe
@@ -127,7 +127,9 @@ def start(ctx: Context, exec_mode: bool | None, grace: float) -> None:
         # READY=1 (master up, app maybe not) must not reach it.
         env["HOTSWAP_NOTIFY_SOCKET"] = env.pop("NOTIFY_SOCKET")
     argv = [str(cfg.uwsgi), "--ini", str(cfg.ini)]
-    click.echo(here(f"hotswap: starting uWSGI on {cfg.http_socket} (log: {cfg.log_file})"),
+    if exec_mode is None:
+        exec_mode = "HOTSWAP_NOTIFY_SOCKET" in env
+    click.echo(here(f"hotswap: starting uWSGI on {cfg.socket} (log: {cfg.log_file})"),
                err=True)
     if exec_mode:
         os.execve(argv[0], argv, env)
@@ -308,7 +310,8 @@ def _format_status(report: dict) -> str:
     if report.get("release"):
         lines.append(f"release     {report['release']['serving'] or '?'} serves; current -> "
                      f"{report['release']['current']}")
-    lines.append(f"socket       {report['socket_state']:<10} {report['socket']}")
+    protocol = " (uwsgi protocol)" if report.get("socket_protocol") == "uwsgi" else ""
+    lines.append(f"socket       {report['socket_state']:<10} {report['socket']}{protocol}")
     lines.append(f"log         {report['log_file']}")
     if report["reload_in_progress"]:
         lines.append(f"reload      in progress (pid {report['reload_in_progress']})")
@@ -335,22 +338,37 @@ def _format_memory(room: dict) -> str:
             f"{verdict}, {headroom} {'spare' if room['fits'] else 'short'}")
 
 
+@main.command()
+@pass_context
+def check(ctx: Context) -> None:
+    """Say what start and reload would refuse in the ini, and what it sets that the kit
+    supports, without starting anything; exit 2 if anything is refused."""
+    findings = checks.review(ctx.cfg)
+    for finding in findings:
+        click.echo(here(f"{finding.verdict:<10} {finding.message}"))
+    refused = sum(finding.verdict == checks.REFUSED for finding in findings)
+    if refused:
+        raise HotswapError(f"{refused} refusal(s) in {ctx.cfg.ini}: fix each line marked "
+                           "refused, then `hotswap check` again", ExitCode.CONFIG)
+
+
 @main.command(name="probe")
 @click.option("--path", default=None, help="Path to GET (default: the ini's health path, "
               "hotswap-health, else /healthz).")
 @click.option("--timeout", type=click.FloatRange(min=0.01), default=5.0, show_default=True)
 @click.option("--expect-status", type=click.IntRange(100, 599), default=200, show_default=True)
 @click.option("--socket", "socket_path", type=click.Path(dir_okay=False),
-              help="Unix socket to probe (default: http-socket from the ini).")
+              help="Socket to probe over HTTP: a unix path or host:port (default: the ini's "
+              "probed socket, in its protocol).")
 @pass_context
 def probe_cmd(ctx: Context, path: str | None, timeout: float, expect_status: int,
               socket_path: str | None) -> None:
-    """GET PATH over the unix socket; exit 0 OK, 1 wrong status, 2 no answer, 3 unknown."""
+    """GET PATH on the service's socket; exit 0 OK, 1 wrong status, 2 no answer, 3 unknown."""
     if path is not None and not path.startswith("/"):
         click.echo(f"hotswap probe: UNKNOWN - path must start with '/': {path!r}", err=True)
         sys.exit(PROBE_UNKNOWN)
     try:
-        target = socket_path or str(ctx.cfg.http_socket)
+        target = socket_path or ctx.cfg.socket
         path = path or ctx.cfg.health_path
     except HotswapError as error:
         click.echo(f"hotswap probe: UNKNOWN - {error.message}", err=True)
@@ -386,17 +404,27 @@ def recover(ctx: Context) -> None:
 
 
 @main.command()
-@click.option("--app", "app", required=True, metavar="MODULE:CALLABLE",
+@click.option("--app", "app", metavar="MODULE:CALLABLE",
               help="The WSGI app to serve: package.module:callable, or "
               "package.module:factory() for an application factory.")
+@click.option("--from", "their_ini", type=click.Path(dir_okay=False, path_type=Path),
+              help="Your existing uwsgi.ini: keep its app and tuning, add the kit's contract, "
+              "write NAME.hotswap.ini beside it (never over it).")
 @click.option("--dir", "project", default=".", show_default=True,
               type=click.Path(file_okay=False), help="The project folder.")
 @click.option("--user", help="The service user of the systemd unit (default: you).")
 @click.option("--health-path", default="/healthz", show_default=True,
               help="The path the kit's middleware answers (hotswap-health in srv.ini).")
 @click.option("--force", is_flag=True, help="Overwrite an existing srv.ini / hotswap.service.")
-def init(app: str, project: str, user: str | None, health_path: str, force: bool) -> None:
+def init(app: str | None, their_ini: Path | None, project: str, user: str | None,
+         health_path: str, force: bool) -> None:
     """Write srv.ini (the kit's settings, serving APP) and hotswap.service into a project."""
+    if their_ini is not None:
+        _adopt(their_ini, force)
+        return
+    if not app:
+        raise HotswapError("init needs --app MODULE:CALLABLE, or --from YOUR.ini",
+                           ExitCode.CONFIG)
     written = scaffold.init(Path(project), app, user, force, health_path)
     for path in written.paths:
         click.echo(here(f"wrote {path}"))
@@ -404,6 +432,15 @@ def init(app: str, project: str, user: str | None, health_path: str, force: bool
         click.echo(here(f"hotswap: warning: {warning}"), err=True)
     ini = here(str(written.paths[0]))
     click.echo(f"next: hotswap --ini {ini} start   (then `reload` for each new release)")
+
+
+def _adopt(their_ini: Path, force: bool) -> None:
+    adopted = adopt.adopt(their_ini, force)
+    for line in adopted.changes:
+        click.echo(here(f"changed  {line}"))
+    for line in adopted.refused:
+        click.echo(here(f"refused  {line}"))
+    click.echo(here(f"wrote {adopted.path}; next: hotswap --ini {adopted.path} check"))
 
 
 # -- releases (docs/releases.md) --------------------------------------------------------------

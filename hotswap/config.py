@@ -16,6 +16,8 @@ from pathlib import Path
 
 from .errors import ExitCode, HotswapError
 from .inside.wsgi import DEFAULT_HEALTH_PATH, HEALTH_PATH_KEY
+from .protocol import endpoint
+from .protocol.endpoint import Endpoint
 
 
 def here(text: str) -> str:
@@ -32,7 +34,6 @@ REQUIRED_KEYS = {
     "fifo_standby": "fifo_standby",
     "pidfile": "pidfile",
     "stats": "stats_socket",
-    "http-socket": "http_socket",
     "logto": "log_file",
 }
 # srv.ini key -> Config field, for keys with a default (the field's default when unset).
@@ -50,10 +51,22 @@ class Config:
     fifo_standby: Path  # slot 1: where the old master waits to be retired during a swap
     pidfile: Path
     stats_socket: Path
-    http_socket: Path
     log_file: Path
+    # every socket the ini binds (each inherited by a re-fork), the one the kit probes first
+    sockets: tuple[Endpoint, ...] = ()
     # what reload, status and probe GET (hotswap/inside/wsgi.py)
     health_path: str = DEFAULT_HEALTH_PATH
+
+    @property
+    def socket(self) -> Endpoint:
+        """The socket reload, status and probe ask (protocol/endpoint.py states the rule)."""
+        return self.sockets[0]
+
+    @property
+    def http_socket(self) -> Path:
+        """The probed socket's address as a path (kept for callers written when it was the
+        only socket the kit knew); probe.get() reads a host:port in it as TCP."""
+        return Path(self.socket.address)
 
     @property
     def lock_file(self) -> Path:
@@ -107,21 +120,27 @@ uwsgi_get = _uwsgi_get
 _SEPARATOR = "@@hotswap@@"
 
 
-def read_values(uwsgi: Path, ini: Path, keys: list[str]) -> dict[str, str | None]:
-    """What uWSGI resolves for each of `keys` in `ini` (None if unset; the first value of
-    a repeated key), in one uwsgi run."""
+def read_all_values(uwsgi: Path, ini: Path, keys: list[str]) -> dict[str, list[str]]:
+    """Every value uWSGI resolves for each of `keys` in `ini` ([] if unset), in one run."""
     asked = [name for key in keys for name in (key, "hotswap_separator")]
     lines = _uwsgi_get(uwsgi, ini, asked, set_ph=f"hotswap_separator={_SEPARATOR}")
-    values: dict[str, str | None] = {}
+    values: dict[str, list[str]] = {}
     pending: list[str] = []
     keys_left = iter(keys)
     for line in lines:
         if line == _SEPARATOR:
-            values[next(keys_left)] = pending[0] if pending else None
+            values[next(keys_left)] = pending
             pending = []
         else:
             pending.append(line)
     return values
+
+
+def read_values(uwsgi: Path, ini: Path, keys: list[str]) -> dict[str, str | None]:
+    """What uWSGI resolves for each of `keys` in `ini` (None if unset; the first value of
+    a repeated key), in one uwsgi run."""
+    return {key: (found[0] if found else None)
+            for key, found in read_all_values(uwsgi, ini, keys).items()}
 
 
 def read_keys(cfg: Config, keys: list[str]) -> dict[str, str | None]:
@@ -139,13 +158,22 @@ def load(ini: str | os.PathLike) -> Config:
     if not os.access(ini_path, os.R_OK):
         raise HotswapError(f"cannot read {ini_path}: permission denied", ExitCode.CONFIG)
     uwsgi = find_uwsgi()
-    values = read_values(uwsgi, ini_path, [*REQUIRED_KEYS, *OPTIONAL_KEYS])
+    every = read_all_values(uwsgi, ini_path, [*REQUIRED_KEYS, *OPTIONAL_KEYS,
+                                              *endpoint.SOCKET_KEYS, endpoint.PROBE_KEY])
+    values = {key: (found[0] if found else None) for key, found in every.items()}
     missing = [key for key in REQUIRED_KEYS if not values.get(key)]
+    if not any(every.get(key) for key in endpoint.SOCKET_KEYS):
+        missing.append(" or ".join(endpoint.SOCKET_KEYS))
     if missing:
         raise HotswapError(
-            f"{ini_path} does not set {', '.join(missing)} (see the srv.ini shipped with hotswap)",
+            f"{ini_path} does not set {', '.join(missing)} (see the srv.ini shipped with "
+            f"hotswap; for an ini of your own: `hotswap init --from {ini_path.name}`)",
             ExitCode.CONFIG,
         )
+    try:
+        sockets = endpoint.from_values(every, values.get(endpoint.PROBE_KEY))
+    except ValueError as exc:
+        raise HotswapError(f"{ini_path}: {exc}", ExitCode.CONFIG) from exc
     fields: dict = {field: Path(values[key]) for key, field in REQUIRED_KEYS.items()}
     fields.update({field: values[key] for key, field in OPTIONAL_KEYS.items() if values.get(key)})
-    return Config(ini=ini_path, uwsgi=uwsgi, **fields)
+    return Config(ini=ini_path, uwsgi=uwsgi, sockets=sockets, **fields)

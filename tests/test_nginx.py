@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -21,20 +22,27 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+UWSGI_PARAMS = Path("/etc/nginx/uwsgi_params")  # Debian's nginx-common ships it
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
-def render(service: Service, port: int) -> Path:
-    """The shipped site, pointed at the test's socket and a loopback port, in a minimal
+def render(service: Service, port: int, site_name: str = "nginx-site.conf",
+           shipped_socket: str = "/run/hotswap/http.sock", socket: str | None = None) -> Path:
+    """A shipped site, pointed at the test's socket and a loopback port, in a minimal
     top-level config that keeps every nginx file inside the test's folder."""
-    site = (REPO / "deploy" / "nginx-site.conf").read_text()
-    site = site.replace("unix:/run/hotswap/http.sock", f"unix:{service.socket}")
+    site = (REPO / "deploy" / site_name).read_text()
+    site = site.replace(f"unix:{shipped_socket}", f"unix:{socket or service.socket}")
     site = site.replace("listen 80;", f"listen 127.0.0.1:{port};")
     folder = service.root / "nginx"
     folder.mkdir()
+    # `include uwsgi_params` is read beside nginx.conf (nginx's prefix is -c's folder)
+    if UWSGI_PARAMS.exists():
+        shutil.copy(UWSGI_PARAMS, folder / "uwsgi_params")
     (folder / "site.conf").write_text(site)
     temp_paths = "".join(
         f"    {kind}_temp_path {folder}/{kind};\n"
@@ -59,16 +67,32 @@ def test_sample_site_is_valid_nginx(service: Service):
     assert check.returncode == 0, check.stderr
 
 
-def test_reloads_through_nginx_lose_nothing(service: Service):
-    service.start()
-    port = free_port()
-    conf = render(service, port)
+@contextlib.contextmanager
+def nginx_in_front(service: Service, port: int, **site):
+    """A real nginx with a shipped site (render()'s arguments) on 127.0.0.1:port, answering;
+    stopped by its process group."""
+    conf = render(service, port, **site)
     nginx = subprocess.Popen([NGINX, "-c", str(conf)], stderr=subprocess.PIPE,
                              start_new_session=True)
     try:
         assert procs.wait_until(
             lambda: request_once(("127.0.0.1", port), "/healthz", 2.0).outcome == "ok", 30
         ), "nginx did not come up"
+        yield nginx
+    finally:
+        procs.kill_group(nginx.pid, signal.SIGQUIT)  # nginx: graceful shutdown
+        try:
+            nginx.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            procs.kill_group(nginx.pid, signal.SIGKILL)
+            nginx.wait(timeout=10)
+        nginx.stderr.close()
+
+
+def test_reloads_through_nginx_lose_nothing(service: Service):
+    service.start()
+    port = free_port()
+    with nginx_in_front(service, port):
         with LoadGenerator(("127.0.0.1", port), 32, ("/healthz",), max_seconds=120) as load:
             for version in ("v2", "v3"):
                 service.release(version=version)
@@ -78,11 +102,3 @@ def test_reloads_through_nginx_lose_nothing(service: Service):
         summary = summarize(load.records)
         assert summary["failed"] == 0, summary
         assert len(summary["generations"]) == 3, summary
-    finally:
-        procs.kill_group(nginx.pid, signal.SIGQUIT)  # nginx: graceful shutdown
-        try:
-            nginx.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            procs.kill_group(nginx.pid, signal.SIGKILL)
-            nginx.wait(timeout=10)
-        nginx.stderr.close()

@@ -329,7 +329,7 @@ def flip(layout: Layout, release_id: str) -> None:
 def serving(cfg: Config, layout: Layout) -> str | None:
     """The release the answering master loaded: /healthz's `release` if it names one, else
     the master's working directory (srv.ini's chdir = %d, the resolved release folder)."""
-    health = probe.healthz(cfg.http_socket, timeout=2.0, path=cfg.health_path)
+    health = probe.healthz(cfg.socket, timeout=2.0, path=cfg.health_path)
     if not health:
         return None
     if health.get("release"):

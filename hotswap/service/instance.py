@@ -8,12 +8,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 from pathlib import Path
 
 from ..config import Config
 from ..errors import ExitCode, HotswapError
 from ..protocol import fifo, record, store, store_record
+from ..protocol.endpoint import Endpoint
 from ..swap import drift, probe
 from ..swap.host import RealHost
 from ..swap.lock import hold_instance_lock, holder, reload_lock
@@ -26,15 +26,9 @@ def find_masters(cfg: Config):
     return RealHost(cfg).masters()
 
 
-def socket_accepts(path: Path) -> bool:
-    """True if something accepts connections on the unix socket at `path`."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(1.0)
-        try:
-            sock.connect(str(path))
-            return True
-        except OSError:
-            return False
+def socket_accepts(path: Path | Endpoint) -> bool:
+    """True if something accepts connections on the socket (a unix path, or an Endpoint)."""
+    return probe.endpoint_of(path).accepts()
 
 
 def ensure_not_running(cfg: Config) -> None:
@@ -49,20 +43,23 @@ def ensure_not_running(cfg: Config) -> None:
             f"already running: master {masters.all[0]} holds a FIFO in {cfg.run_dir}{hint}",
             ExitCode.BUSY,
         )
-    if socket_accepts(cfg.http_socket):
-        raise HotswapError(
-            f"already running: something accepts connections on {cfg.http_socket}",
-            ExitCode.BUSY,
-        )
+    for where in cfg.sockets:
+        if where.accepts():
+            raise HotswapError(
+                f"already running: something accepts connections on {where.address} (the "
+                f"ini's {where.key}); stop it first, or give this instance another address",
+                ExitCode.BUSY,
+            )
 
 
 def clear_stale_files(cfg: Config) -> list[Path]:
     """Remove what a dead instance left behind; call only after ensure_not_running()."""
     removed = [path for path in (cfg.fifo_live, cfg.fifo_standby) if fifo.remove_if_stale(path)]
     store.remove_dead_reports(cfg.run_dir)  # one per worker that ever mapped a store
+    unix = [where.path for where in cfg.sockets if where.path]  # a TCP port leaves no file
     # a refresh killed before a stop: no worker is left to agree with, and the new master
     # validates whatever the pointer names
-    for path in (cfg.http_socket, cfg.stats_socket, cfg.pidfile,
+    for path in (*unix, cfg.stats_socket, cfg.pidfile,
                  cfg.run_dir / record.RECORD_NAME, cfg.run_dir / store_record.RECORD_NAME):
         try:
             path.unlink()
@@ -158,7 +155,7 @@ def status(cfg: Config) -> dict:
     master = masters.live or (masters.parked if swapping else None)
     # what a reload would need, and whether it fits (memory.py)
     room = host.memory_room(master, memory.DEFAULT_MARGIN_PERCENT) if master else None
-    health = probe.healthz(cfg.http_socket, timeout=2.0, path=cfg.health_path) if master else None
+    health = probe.healthz(cfg.socket, timeout=2.0, path=cfg.health_path) if master else None
     document = stats.read(cfg.stats_socket) if master else None
     if document and document.get("pid") != master:
         document = None  # the stats socket was re-bound by a master that is gone
@@ -187,8 +184,10 @@ def status(cfg: Config) -> dict:
             name: {"path": str(path), "state": fifo.state(path).value}
             for name, path in (("live", cfg.fifo_live), ("standby", cfg.fifo_standby))
         },
-        "socket": str(cfg.http_socket.absolute()),
-        "socket_state": socket_state(cfg.http_socket, bool(master), bool(health)),
+        "socket": (cfg.socket.address if cfg.socket.is_tcp
+                   else str(Path(cfg.socket.address).absolute())),
+        "socket_protocol": cfg.socket.protocol,
+        "socket_state": socket_state(cfg.socket, bool(master), bool(health)),
         "stats_socket": str(cfg.stats_socket.absolute()),
         "pidfile": str(cfg.pidfile.absolute()),
         "log_file": str(cfg.log_file.absolute()),
@@ -200,9 +199,9 @@ def status(cfg: Config) -> dict:
     }
 
 
-def socket_state(path: Path, master: bool, answered: bool) -> str:
-    """The HTTP socket as `status` shows it, in the FIFOs' words."""
-    if not path.exists():
+def socket_state(where: Endpoint | Path, master: bool, answered: bool) -> str:
+    """The probed socket as `status` shows it, in the FIFOs' words."""
+    if not probe.endpoint_of(where).exists():
         return "missing"
     if answered:
         return "listening"
@@ -243,10 +242,11 @@ def problems(cfg: Config, host: RealHost, master: int, health: dict | None,
     found = [f"master {item.master} serves, but its {item.slot.value} FIFO {item.path} was "
              "removed or replaced: no command reaches it; `hotswap recover` re-creates it"
              for item in host.detached()]
-    if not socket_accepts(cfg.http_socket):
-        found.append(f"master {master} runs, but nothing accepts on {cfg.http_socket} (the "
-                     "socket file was removed?): clients cannot connect, and a reload cannot "
-                     "re-create it; restart: `hotswap stop && hotswap start`")
+    if not cfg.socket.accepts():
+        why = "(its port was closed?)" if cfg.socket.is_tcp else "(the socket file was removed?)"
+        found.append(f"master {master} runs, but nothing accepts on {cfg.socket.address} {why}: "
+                     "clients cannot connect, and a reload cannot re-create it; restart: "
+                     "`hotswap stop && hotswap start`")
     elif health is None:
         busy = sum(w["status"] == "busy" for w in stats.workers(document or {}))
         found.append(f"master {master} runs, but {cfg.health_path} does not answer" + (

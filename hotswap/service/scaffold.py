@@ -91,7 +91,7 @@ hook-accepting = @HOOK@
 ; the release ("GET /path -> 200", several separated by "|"). Name a real one of yours.
 hotswap-smoke = GET @HEALTH@ -> 200
 processes = 4
-; threads = 2 (more than one per worker only if the app is thread-safe)
+; threads: keep 1 (`hotswap check` says why more are refused)
 ; the largest request header block a client may send, bytes
 buffer-size = 8192
 ; connections waiting while nobody accepts (the ~0.25 s hand-over pause included)

@@ -133,7 +133,7 @@ class Supervisor:
         if current and current.committed and current.master_pid != self.announced:
             self.announced = current.master_pid
             print(here(f"hotswap: master {self.announced} serving generation "
-                       f"{current.generation} on {self.cfg.http_socket}"), file=sys.stderr)
+                       f"{current.generation} on {self.cfg.socket}"), file=sys.stderr)
 
     def handle_sigint(self) -> None:
         """Ctrl-C: stop gracefully (once a reload in progress settles); again: stop now."""

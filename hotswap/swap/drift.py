@@ -59,10 +59,49 @@ def changes(cfg: Config, serving_master: int | None) -> list[Change]:
         return [Change(key, was, now.get(key)) for key, was in started.items()
                 if was != now.get(key)]
     if serving_master:
-        listening = procs.unix_sockets(serving_master)
-        if listening and str(cfg.http_socket) not in listening:
-            return [Change("http-socket", ", ".join(sorted(listening)), str(cfg.http_socket))]
+        return _unheld(cfg, serving_master)
     return []
+
+
+def _unheld(cfg: Config, master: int) -> list[Change]:
+    """The ini's sockets that the serving master does not hold (/proc), each a Change from
+    what it does hold: a unix path, or a TCP port (0.0.0.0 and :: hold every address)."""
+    unix, tcp = procs.unix_sockets(master), procs.tcp_listeners(master)
+    if not unix and not tcp:
+        return []  # /proc unreadable (another user's master): nothing to compare with
+    unix.discard(str(cfg.stats_socket))  # not one a client connects to
+    found = []
+    for where in cfg.sockets:
+        if where.is_tcp:
+            host, port = where.address.rsplit(":", 1)
+            anywhere = {f"0.0.0.0:{port}", f"[::]:{port}"}
+            host = "127.0.0.1" if host in ("", "0.0.0.0") else host
+            ok = bool({f"{host}:{port}", *anywhere} & tcp) or where.address in tcp
+        else:
+            ok = str(where.path) in unix if where.path else True
+        if not ok:
+            held = ", ".join(sorted(tcp if where.is_tcp else unix)) or None
+            found.append(Change(where.key, held, where.address))
+    return found
+
+
+# uWSGI's Emperor hands each vassal the end of a socketpair in this variable (core/emperor.c)
+EMPEROR_FD = "UWSGI_EMPEROR_FD"
+
+
+def emperor_refusal(master: int) -> str | None:
+    """Why a vassal of uWSGI's Emperor cannot be swapped by a re-fork, or None if `master`
+    is no vassal. Seen by experiment (tests/test_options.py): after "1f" the old master
+    retires, the new one reads EOF on the emperor pipe it inherited ("lost connection with my
+    emperor !!!"), kills its workers, and the Emperor respawns the vassal cold."""
+    if EMPEROR_FD not in procs.environ(master):
+        return None
+    info = procs.stat(master)
+    emperor = f"pid {info.ppid}" if info else "its parent"
+    return (f"master {master} is a vassal of uWSGI's Emperor ({emperor}): a re-forked vassal "
+            "loses its emperor pipe and the Emperor restarts it cold, dropping requests; "
+            "reload it the Emperor's way (touch its ini), or run it outside the Emperor with "
+            "`hotswap start` (e.g. under systemd, deploy/hotswap.service)")
 
 
 def refusal(found: list[Change]) -> str:

@@ -172,6 +172,10 @@ class RealHost:
         reattach(item)
 
     def config_drift(self, master: int) -> list[str]:
+        """What a re-fork of `master` cannot apply: a changed ini key, or an Emperor."""
+        emperor = drift.emperor_refusal(master)
+        if emperor:
+            return [emperor]
         found = drift.changes(self.cfg, master)
         return [drift.refusal(found)] if found else []
 
@@ -228,7 +232,7 @@ class RealHost:
         return uwsgilog.read_since(self.cfg.log_file, mark)
 
     def healthz(self, timeout: float) -> dict | None:
-        return probe.healthz(self.cfg.http_socket, timeout=timeout, path=self.cfg.health_path)
+        return probe.healthz(self.cfg.socket, timeout=timeout, path=self.cfg.health_path)
 
     def stats(self) -> dict | None:
         return stats.read(self.cfg.stats_socket)

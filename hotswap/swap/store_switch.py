@@ -63,7 +63,7 @@ def wait_switched(cfg: Config, path: str, sha256: str, timeout: float,
             if switched(pids):
                 return store.read_reports(cfg.run_dir, pids)
         if time.monotonic() - last_nudge > NUDGE_INTERVAL:
-            probe.healthz(cfg.http_socket, timeout=1.0, path=cfg.health_path)
+            probe.healthz(cfg.socket, timeout=1.0, path=cfg.health_path)
             last_nudge = time.monotonic()
         return None
 

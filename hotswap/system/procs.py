@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -211,8 +213,7 @@ def parked_in_poll(pid: int) -> bool:
     return where.startswith(("poll_schedule_timeout", "do_sys_poll"))
 
 
-def unix_sockets(pid: int) -> set[str]:
-    """The paths of the bound unix sockets pid holds (from /proc/net/unix, by inode)."""
+def _socket_inodes(pid: int) -> set[str]:
     inodes = set()
     try:
         fds = os.listdir(f"/proc/{pid}/fd")
@@ -225,12 +226,57 @@ def unix_sockets(pid: int) -> set[str]:
             continue
         if link.startswith("socket:["):
             inodes.add(link[8:-1])
+    return inodes
+
+
+def _tcp_address(hex_address: str) -> str:
+    """/proc/net/tcp{,6}'s "0100007F:1F90" as "127.0.0.1:8080" ("[::1]:8080" for v6): the
+    address is in 32-bit words of host byte order."""
+    host, port = hex_address.split(":")
+    raw = b"".join(int(host[i:i + 8], 16).to_bytes(4, sys.byteorder)
+                   for i in range(0, len(host), 8))
+    if len(raw) == 4:
+        return f"{socket.inet_ntop(socket.AF_INET, raw)}:{int(port, 16)}"
+    return f"[{socket.inet_ntop(socket.AF_INET6, raw)}]:{int(port, 16)}"
+
+
+def tcp_listeners(pid: int) -> set[str]:
+    """The host:port of every listening TCP socket pid holds (/proc/net/tcp and tcp6)."""
+    inodes = _socket_inodes(pid)
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as handle:
+                rows = [line.split() for line in handle.readlines()[1:]]
+        except OSError:
+            continue
+        found |= {_tcp_address(row[1]) for row in rows
+                  if len(row) >= 10 and row[3] == "0A" and row[9] in inodes}  # 0A: LISTEN
+    return found
+
+
+def unix_sockets(pid: int) -> set[str]:
+    """The paths of the bound unix sockets pid holds (from /proc/net/unix, by inode)."""
+    inodes = _socket_inodes(pid)
+    if not inodes:
+        return set()
     try:
         with open("/proc/net/unix") as handle:
             rows = [line.split() for line in handle.readlines()[1:]]
     except OSError:
         return set()
     return {row[7] for row in rows if len(row) >= 8 and row[6] in inodes}
+
+
+def environ(pid: int) -> dict[str, str]:
+    """The environment pid started with ({} if unreadable: gone, or another user's)."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as handle:
+            raw = handle.read()
+    except OSError:
+        return {}
+    pairs = (item.decode(errors="replace").partition("=") for item in raw.split(b"\0") if item)
+    return {key: value for key, _, value in pairs}
 
 
 def session_leaders_below(pid: int) -> list[int]:
