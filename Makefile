@@ -63,7 +63,7 @@ deps-system:
 $(STORE): $(RESOURCE) | $(RUN_STAMP)
 	$(BIN)/python scripts/build_store.py $(RESOURCE) -o data/store --point --if-missing
 
-run: made-with $(RUN_STAMP) $(RESOURCE) $(STORE)
+run: $(RUN_STAMP) made-with $(RESOURCE) $(STORE)
 	$(BIN)/hotswap --ini srv.ini start
 
 # A new data release for the running instance to reload: `make release VERSION=v2`

@@ -585,7 +585,7 @@ def watch_cmd(ctx: Context, drop: Path | None, quiet: float, keep: int, follow_c
     swap_args = ["--memory-margin", repr(memory_margin), *(["--force"] if force else [])]
     runner = watcher.CliRunner(ctx.cfg, ["--keep", str(keep)], follow_current, swap_args)
     loop = watcher.Watcher(watcher.Planner(drop, quiet), runner, log, verbose=verbose,
-                           link=layout.current, scan=drop.iterdir)
+                           link=layout.current, scan=lambda: watcher.DataLink.unmounted(drop))
     tick_ms = int(min(500, max(50, quiet * 250)))
     loop.run(watcher.inotify_batches(drop, stop, tick_ms), stop)
     log(f"stopped ({', '.join(received) or 'watch ended'})")

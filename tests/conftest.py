@@ -48,6 +48,8 @@ class Service:
     mode "heap" (SRV_MODE=heap: the table in each process's heap) or "store" (the
     memory-mapped store srv.py serves by default, built from the same table)."""
 
+    python = sys.executable  # the Python whose hotswap runs (a wheel's venv: test_package.py)
+
     def __init__(self, root: Path, mode: str = "heap", sample: bool = True) -> None:
         """sample=False: no srv.py copy (tests/app_util.py sets projects up with `init`)."""
         self.root = root
@@ -63,7 +65,6 @@ class Service:
         self.seen_masters: set[int] = set()
         self.background: list[subprocess.Popen] = []  # CLI runs a test left going
         self.health_path = "/healthz"  # srv.ini's hotswap-health
-        self.python = sys.executable  # the Python whose hotswap runs (a wheel's venv: test_package)
         if sample:
             self.release(version="v1")
 

@@ -217,7 +217,7 @@ def test_a_lock_whose_holder_is_gone_is_taken_over_once_the_kernel_frees_it(tmp_
     timer = threading.Timer(1.0, handle.close)  # its exit completes: the kernel frees it
     timer.start()
     with lock.reload_lock(cfg, "start another"):
-        assert cfg.lock_file.read_text() == str(os.getpid())
+        assert lock.Holder.parse(cfg.lock_file.read_text()).pid == os.getpid()
     timer.join()
     handle = _hold_lock(cfg.lock_file, os.getpid())  # a live holder: refused as before
     try:

@@ -250,6 +250,14 @@ class DataLink:
         except OSError:
             return None
 
+    @classmethod
+    def unmounted(cls, drop: Path) -> list[Path]:
+        """What the scan at start acts on: DROP's entries, less a mount's keys (reached
+        through ..data: what the pod started with, so what serves) and its own folders."""
+        prefix = f"{cls.NAME}/"
+        return [entry for entry in drop.iterdir() if not entry.name.startswith("..")
+                and not (entry.is_symlink() and os.readlink(entry).startswith(prefix))]
+
     def flipped(self) -> list[Path]:
         """The entries reached through ..data, if it names another folder since last time."""
         target = self.read()

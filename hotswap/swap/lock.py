@@ -99,8 +99,8 @@ def _after_dying_holder(handle) -> bool:
     """True once the lock is ours, if the pid that holds it is gone or exiting."""
     def recorded() -> int | None:
         handle.seek(0)
-        text = handle.read().strip()
-        return int(text) if text.isdigit() else None
+        holder = Holder.parse(handle.read())
+        return holder.pid if holder else None
 
     def taken_or_refused():
         if _try_lock(handle, fcntl.LOCK_EX):
