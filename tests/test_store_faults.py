@@ -25,6 +25,7 @@ from bench.loadgen import LoadGenerator, summarize
 from hotswap import config
 from hotswap.protocol import store, store_state
 from hotswap.protocol.store_record import Phase, StoreSwitch
+from hotswap.swap.store_repair import repair_fallback
 from hotswap.swap.store_switch import repair_switch
 from hotswap.system import procs, stats
 from scripts.build_store import main as build_store
@@ -347,3 +348,24 @@ def test_refresh_in_a_release_layout_and_through_watch(tmp_path: Path):
     assert reports and served_v2 == "v2"
     assert served_v3 == "v3" and code == 0, lines.lines
     assert summary["failed"] == 0, summary
+
+
+def test_recover_after_a_fallback_repoints_current_unless_someone_did(tmp_path: Path):
+    for version in ("v1", "v2", "v3"):
+        store.build([(b"a", version.encode())], tmp_path / f"terms-{version}.lmdb", version)
+    pointer = tmp_path / "current"
+
+    def fallen_back() -> None:
+        store.point(pointer, tmp_path / "terms-v2.lmdb")
+        store_state.Fallback(str(tmp_path / "terms-v2.lmdb"), "v2", "size 2 -> 1 bytes",
+                             str(tmp_path / "terms-v1.lmdb"), "v1", str(pointer), 1,
+                             "t").write(tmp_path)
+
+    fallen_back()
+    assert "pointed" in repair_fallback(tmp_path)[0]
+    assert os.readlink(pointer) == "terms-v1.lmdb"
+    assert store_state.Fallback.read(tmp_path) is None and repair_fallback(tmp_path) == []
+    fallen_back()
+    store.point(pointer, tmp_path / "terms-v3.lmdb")  # the operator chose another store
+    assert "no longer names it" in repair_fallback(tmp_path)[0]
+    assert os.readlink(pointer) == "terms-v3.lmdb"
