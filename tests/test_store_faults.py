@@ -258,7 +258,17 @@ def test_refresh_interrupted_at_each_phase_leaves_one_store(tmp_path: Path):
                     recover = service.cli("recover")
                 assert slow.result().status == 200
                 assert consistently(service, "v1"), served(service)
-            after = service.cli("refresh", str(version_store(service, "v6")))
+            # killed in switching again, repaired this time by the next reload, before it forks
+            slow = SlowRequest(service, 3)
+            process, lines = refresh_in_background(service, version_store(service, "v6"))
+            lines.wait_for("switching")
+            os.kill(process.pid, signal.SIGKILL)
+            lines.finish()
+            reload = service.cli("reload")
+            assert slow.result().status == 200
+            service.wait_ready()
+            assert consistently(service, "v1"), served(service)
+            after = service.cli("refresh", str(version_store(service, "v7")))
         summary = summarize(load.records)
     finally:
         service.teardown()
@@ -272,6 +282,8 @@ def test_refresh_interrupted_at_each_phase_leaves_one_store(tmp_path: Path):
     assert "store v1 serves again" in outcomes["switching/SIGTERM"][1]
     assert status.returncode == 6 and "was killed in its switching phase" in status.stdout
     assert recover.returncode == 0 and "rolled back the refresh to store v5" in recover.stdout
+    assert reload.returncode == 0, reload.stdout + reload.stderr
+    assert "repaired: rolled back the refresh to store v6" in reload.stdout, reload.stdout
     assert after.returncode == 0, after.stdout + after.stderr
     # a worker respawned while the killed refresh's pointer was half-switched serves the old
     # store its record names, not the pointer's
