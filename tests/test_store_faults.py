@@ -25,6 +25,7 @@ from bench.loadgen import LoadGenerator, summarize
 from hotswap import config
 from hotswap.protocol import store, store_state
 from hotswap.protocol.store_record import Phase, StoreSwitch
+from hotswap.swap.store_repair import repair_fallback
 from hotswap.swap.store_switch import repair_switch
 from hotswap.system import procs, stats
 from scripts.build_store import main as build_store
@@ -257,7 +258,17 @@ def test_refresh_interrupted_at_each_phase_leaves_one_store(tmp_path: Path):
                     recover = service.cli("recover")
                 assert slow.result().status == 200
                 assert consistently(service, "v1"), served(service)
-            after = service.cli("refresh", str(version_store(service, "v6")))
+            # killed in switching again, repaired this time by the next reload, before it forks
+            slow = SlowRequest(service, 3)
+            process, lines = refresh_in_background(service, version_store(service, "v6"))
+            lines.wait_for("switching")
+            os.kill(process.pid, signal.SIGKILL)
+            lines.finish()
+            reload = service.cli("reload")
+            assert slow.result().status == 200
+            service.wait_ready()
+            assert consistently(service, "v1"), served(service)
+            after = service.cli("refresh", str(version_store(service, "v7")))
         summary = summarize(load.records)
     finally:
         service.teardown()
@@ -271,6 +282,8 @@ def test_refresh_interrupted_at_each_phase_leaves_one_store(tmp_path: Path):
     assert "store v1 serves again" in outcomes["switching/SIGTERM"][1]
     assert status.returncode == 6 and "was killed in its switching phase" in status.stdout
     assert recover.returncode == 0 and "rolled back the refresh to store v5" in recover.stdout
+    assert reload.returncode == 0, reload.stdout + reload.stderr
+    assert "repaired: rolled back the refresh to store v6" in reload.stdout, reload.stdout
     assert after.returncode == 0, after.stdout + after.stderr
     # a worker respawned while the killed refresh's pointer was half-switched serves the old
     # store its record names, not the pointer's
@@ -347,3 +360,24 @@ def test_refresh_in_a_release_layout_and_through_watch(tmp_path: Path):
     assert reports and served_v2 == "v2"
     assert served_v3 == "v3" and code == 0, lines.lines
     assert summary["failed"] == 0, summary
+
+
+def test_recover_after_a_fallback_repoints_current_unless_someone_did(tmp_path: Path):
+    for version in ("v1", "v2", "v3"):
+        store.build([(b"a", version.encode())], tmp_path / f"terms-{version}.lmdb", version)
+    pointer = tmp_path / "current"
+
+    def fallen_back() -> None:
+        store.point(pointer, tmp_path / "terms-v2.lmdb")
+        store_state.Fallback(str(tmp_path / "terms-v2.lmdb"), "v2", "size 2 -> 1 bytes",
+                             str(tmp_path / "terms-v1.lmdb"), "v1", str(pointer), 1,
+                             "t").write(tmp_path)
+
+    fallen_back()
+    assert "pointed" in repair_fallback(tmp_path)[0]
+    assert os.readlink(pointer) == "terms-v1.lmdb"
+    assert store_state.Fallback.read(tmp_path) is None and repair_fallback(tmp_path) == []
+    fallen_back()
+    store.point(pointer, tmp_path / "terms-v3.lmdb")  # the operator chose another store
+    assert "no longer names it" in repair_fallback(tmp_path)[0]
+    assert os.readlink(pointer) == "terms-v3.lmdb"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..config import Config
 from ..errors import ExitCode, HotswapError
-from ..protocol import fifo, record, store, store_record
+from ..protocol import fifo, record, store, store_record, store_state
 from ..protocol.endpoint import Endpoint
 from ..swap import drift, probe
 from ..swap.host import RealHost
@@ -57,10 +57,11 @@ def clear_stale_files(cfg: Config) -> list[Path]:
     removed = [path for path in (cfg.fifo_live, cfg.fifo_standby) if fifo.remove_if_stale(path)]
     store.remove_dead_reports(cfg.run_dir)  # one per worker that ever mapped a store
     unix = [where.path for where in cfg.sockets if where.path]  # a TCP port leaves no file
-    # a refresh killed before a stop: no worker is left to agree with, and the new master
-    # validates whatever the pointer names
+    # a refresh killed before a stop, a fallback: no worker is left to agree with, and the
+    # new master validates whatever the pointer names
     for path in (*unix, cfg.stats_socket, cfg.pidfile,
-                 cfg.run_dir / record.RECORD_NAME, cfg.run_dir / store_record.RECORD_NAME):
+                 cfg.run_dir / record.RECORD_NAME, cfg.run_dir / store_record.RECORD_NAME,
+                 cfg.run_dir / store_state.FALLBACK_NAME):
         try:
             path.unlink()
             removed.append(path)

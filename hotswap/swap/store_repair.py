@@ -8,6 +8,7 @@ a reload, a restart, or a respawned worker once the record is gone would open it
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from ..config import Config
@@ -42,9 +43,13 @@ def repair_fallback(run_dir: Path) -> list[str]:
     fallback = store_state.Fallback.read(run_dir)
     if fallback is None:
         return []
-    store.point(fallback.pointer, fallback.path)
     store_state.GoodStores.read(run_dir).without(fallback.broken_path).write(run_dir)
     store_state.clear_fallback(run_dir)
+    if os.path.realpath(fallback.pointer) != fallback.broken_path:
+        # someone pointed it elsewhere since: theirs to choose, not ours to undo
+        return [f"cleared the fallback from {fallback.broken_version}: {fallback.pointer} "
+                "no longer names it"]
+    store.point(fallback.pointer, fallback.path)
     return [f"pointed {fallback.pointer} at store {fallback.version} ({fallback.path}), "
             f"which the workers serve since {fallback.broken_version} "
             f"({fallback.broken_path}) changed under them: {fallback.cause}"]
