@@ -284,9 +284,8 @@ def _format_status(report: dict) -> str:
         state = "swapping " if report.get("swapping") else "running  "
         lines.append(f"{state}   master {report['master_pid']}, generation "
                      f"{report['generation'] or '? (no answer on the health path)'}"
-                     + (f", serves while new master "
-                        f"{', '.join(map(str, report['loading_master_pids']))} loads"
-                        if report.get("swapping") else ""))
+                     + (_swapping(report["loading_master_pids"]) if report.get("swapping")
+                        else ""))
         if health:
             lines.append(f"loaded      {health.get('loaded_at')} in {health.get('load_seconds')}s")
     else:
@@ -325,6 +324,12 @@ def _format_status(report: dict) -> str:
         when = f" at {last['finished_at']}" if last.get("finished_at") else ""
         lines.append(f"last reload {outcome}{when} in {last['seconds']}s: {last['message']}")
     return "\n".join(lines)
+
+
+def _swapping(loading: list[int]) -> str:
+    if not loading:
+        return ", serves while a reload forks the new master"
+    return f", serves while new master {', '.join(map(str, loading))} loads"
 
 
 def _format_memory(room: dict) -> str:

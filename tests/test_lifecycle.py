@@ -221,9 +221,15 @@ def test_killed_reload_is_recovered(service: Service):
     """`hotswap reload` SIGKILLed mid-load leaves a parked old master and a loading new one;
     `recover` kills the orphaned load and gives the old master its FIFO back."""
     before, loading = strand_a_swap(service)
-    status = json.loads(service.cli("status", "--json").stdout)
+    done = service.cli("status", "--json")
+    status = json.loads(done.stdout)
     assert status["parked_master_pid"] == before["master_pid"]
     assert status["loading_master_pids"] == [loading]
+    # its workers still serve: running, with the problem named and its fix (exit 6)
+    assert done.returncode == 6 and status["running"] and not status["swapping"], status
+    assert status["master_pid"] == before["master_pid"]
+    assert any("left there by an interrupted swap" in p and "`hotswap recover`" in p
+               for p in status["problems"]), status["problems"]
     done = service.cli("recover")
     assert done.returncode == 0 and f"rolled back master {loading}" in done.stdout, done.stderr
     assert not procs.alive(loading)

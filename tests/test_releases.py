@@ -22,6 +22,7 @@ from releases_util import LayoutService, lookup_paths
 
 from bench.loadgen import LoadGenerator, summarize
 from hotswap.releases import release
+from hotswap.swap import lock
 from hotswap.system import procs
 
 CONNECTIONS = 32
@@ -296,3 +297,33 @@ def test_cut_archives_are_refused_in_one_line(svc: LayoutService, tmp_path: Path
         assert "Traceback" not in done.stderr
     assert release.history(release.Layout(svc.root))[-1]["outcome"] == "refused"
     assert svc.current() == before and [r["id"] for r in svc.releases()] == ids
+
+
+def test_a_deploy_interrupted_while_copying_is_recorded_and_leaves_nothing(svc: LayoutService,
+                                                                           tmp_path: Path):
+    """SIGTERM while the copy waits on its source (here a FIFO named like a tarball, which
+    blocks the copy until the test acts): exit 1, one line, the history says "interrupted",
+    and no staged copy is left under releases/."""
+    before, ids = svc.current(), [r["id"] for r in svc.releases()]
+    source = tmp_path / "slow.tar"
+    os.mkfifo(source)
+    deploy = svc.cli_background("deploy", str(source))
+
+    def copying() -> bool:  # it holds the lock: next, it blocks opening its source
+        try:
+            holder = lock.Holder.parse((svc.run_dir / "reload.lock").read_text())
+        except FileNotFoundError:
+            return False
+        return bool(holder and holder.pid == deploy.pid)
+
+    assert procs.wait_until(copying, 60), "the deploy never took the lock"
+    os.kill(deploy.pid, signal.SIGTERM)
+    out, err = deploy.communicate(timeout=60)
+    assert deploy.returncode == 1, out + err
+    assert err.startswith("hotswap: deploy FAILED") and err.count("\n") == 1, err
+    assert err.rstrip().endswith(f"deploy interrupted by SIGTERM before the swap; current "
+                                 f"still {before}"), err
+    last = history(svc)[-1]
+    assert (last["outcome"], last["exit_code"]) == ("interrupted", 1), last
+    assert sorted(p.name for p in (svc.root / "releases").iterdir()) == ids
+    assert svc.current() == before

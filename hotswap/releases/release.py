@@ -463,9 +463,10 @@ def _interrupt_staging(signum: int, _frame) -> None:
 
 
 @contextmanager
-def _interruptible() -> Iterator[None]:
+def _interruptible(action: str) -> Iterator[None]:
     """SIGTERM and SIGINT stop a copy or a check cleanly (the staged copy is removed, the
-    history says so); the reload then installs its own handlers, which only note them."""
+    history says so); the reload then installs its own handlers, which only note them.
+    Outermost, so that one landing while the lock is taken is one line too."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -473,6 +474,9 @@ def _interruptible() -> Iterator[None]:
                                                                       signal.SIGTERM)}
     try:
         yield
+    except Interrupted as exc:  # before _attempt began: nothing to record
+        raise HotswapError(f"{action} interrupted by {exc} before it began; nothing changed",
+                           ExitCode.RELOAD_FAILED) from None
     finally:
         for sig, handler in saved.items():
             signal.signal(sig, handler)
@@ -500,7 +504,7 @@ def deploy(ini: Path, source: Path, timeout: float, drain: float, keep: int,
         first.check_current()
     cfg = load(ini)
     layout = layout_of(cfg)
-    with reload_lock(cfg, "deploy"), _interruptible():
+    with _interruptible("deploy"), reload_lock(cfg, "deploy"):
         result = DeployResult("deploy", False, int(ExitCode.RELOAD_FAILED), "",
                               previous=layout.current_id(), release=new_id(source),
                               source=str(source), source_stat=fingerprint(source))
@@ -516,7 +520,7 @@ def _first(layout: Layout, source: Path, import_check: bool, started: float) -> 
     result = DeployResult("deploy", False, int(ExitCode.RELOAD_FAILED), "",
                           release=new_id(source), source=str(source),
                           source_stat=fingerprint(source))
-    with _interruptible(), _attempt(result, lambda: _finish(layout, result, started, 0)):
+    with _interruptible("deploy"), _attempt(result, lambda: _finish(layout, result, started, 0)):
         result.swept = sweep(layout)
         stage(layout, source, result.release)
         check(find_uwsgi(), layout.releases / result.release, import_check)

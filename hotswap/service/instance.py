@@ -151,9 +151,12 @@ def status(cfg: Config) -> dict:
     # While a swap loads, the old master has moved to the standby FIFO and its workers still
     # serve: that master serves, and the instance is swapping, not stopped. (Without a
     # reload holding the lock, the same pair is a swap left by a killed one: `recover`.)
-    swapping = (masters.live is None and bool(masters.parked and masters.loading)
-                and holder(cfg) is not None)
-    master = masters.live or (masters.parked if swapping else None)
+    parked_alone = masters.live is None and bool(masters.parked)
+    swapping = parked_alone and holder(cfg) is not None
+    # A parked master with no swap under way was left by an interrupted one (a killed
+    # reload, a rollback on a full disk): its workers still serve, so it runs, wrongly.
+    stranded = parked_alone and not swapping
+    master = masters.live or masters.parked
     # what a reload would need, and whether it fits (memory.py)
     room = host.memory_room(master, memory.DEFAULT_MARGIN_PERCENT) if master else None
     health = probe.healthz(cfg.socket, timeout=2.0, path=cfg.health_path) if master else None
@@ -171,7 +174,8 @@ def status(cfg: Config) -> dict:
         "running": bool(master),
         "swapping": swapping,
         "healthy": bool(master) and health is not None,
-        "problems": problems(cfg, host, master, health, document) if master else [],
+        "problems": ([stranded_problem(masters)] if stranded else []) + (
+            problems(cfg, host, master, health, document) if master else []),
         # not wrong, worth knowing: ini changes only a restart applies, a rotated log
         "notices": notices(cfg, host, master, document) if master else [],
         "master_pid": master,
@@ -198,6 +202,14 @@ def status(cfg: Config) -> dict:
         "memory": room.to_json() if room else None,
         "oom_score_adj": memory.score(master) if master else None,
     }
+
+
+def stranded_problem(masters) -> str:
+    loading = (f", and new master {', '.join(map(str, masters.loading))} still loading"
+               if masters.loading else "")
+    return (f"master {masters.parked} serves from the standby FIFO, left there by an "
+            f"interrupted swap{loading}: no reload can reach it; `hotswap recover` gives it "
+            "its live FIFO back")
 
 
 def socket_state(where: Endpoint | Path, master: bool, answered: bool) -> str:
