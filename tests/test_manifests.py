@@ -1,7 +1,8 @@
 """The image and the Kubernetes manifests, checked offline: hadolint on the Dockerfile,
 kubernetes-validate (the API's own schemas, strict) on deploy/kubernetes/, and the few facts
 they must agree on with the code. The image itself is built and run only where a container
-runtime works (docs/containers.md says why not here)."""
+runtime runs the default base (here podman needed a stand-in base and a cgroup workaround,
+run by hand: docs/containers.md)."""
 
 from __future__ import annotations
 
@@ -69,8 +70,8 @@ BASE = re.search(r"^ARG BASE=(\S+)$", DOCKERFILE, re.M).group(1)
 
 
 def runtime() -> str | None:
-    """A container runtime that runs the base image here, or None (podman 4.3 installs here,
-    but with no registry to pull the base from, and crun refusing hybrid cgroups, it can't)."""
+    """A container runtime that runs the base image here, or None (here: no registry to pull
+    it from, and crun refuses this host's hybrid cgroups without the doc's workaround)."""
     for name in ("podman", "docker"):
         if shutil.which(name) and subprocess.run(
                 [name, "run", "--rm", "--pull", "never", BASE, "true"], capture_output=True,
