@@ -17,6 +17,7 @@ from bench.loadgen import LoadGenerator, summarize
 from hotswap import config
 from hotswap.protocol import endpoint
 from hotswap.protocol.endpoint import UWSGI, Endpoint
+from hotswap.service import instance
 from hotswap.swap import probe
 from hotswap.system import procs
 
@@ -57,6 +58,12 @@ def test_uwsgi_packet_is_header_then_sized_vars():
         (vlen,) = struct.unpack("<H", rest[:2])
         pairs[key.decode()], rest = rest[2:2 + vlen].decode(), rest[2 + vlen:]
     assert pairs["PATH_INFO"] == "/healthz" and pairs["QUERY_STRING"] == "x=1"
+
+
+def test_a_tcp_socket_is_missing_not_stale_when_nothing_runs():
+    where = Endpoint.parse("127.0.0.1:9")
+    assert instance.socket_state(where, master=False, answered=False) == "missing"
+    assert instance.socket_state(where, master=True, answered=False) == "no answer"
 
 
 def test_proc_tcp_addresses_decode():

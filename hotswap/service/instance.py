@@ -214,7 +214,8 @@ def stranded_problem(masters) -> str:
 
 def socket_state(where: Endpoint | Path, master: bool, answered: bool) -> str:
     """The probed socket as `status` shows it, in the FIFOs' words."""
-    if not probe.endpoint_of(where).exists():
+    where = probe.endpoint_of(where)
+    if not where.exists() or (where.is_tcp and not master):  # a port leaves no stale file
         return "missing"
     if answered:
         return "listening"
