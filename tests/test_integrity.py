@@ -113,6 +113,12 @@ def test_a_socket_change_is_refused_before_forking(service: Service):
         assert len(done.stderr.strip().splitlines()) == 1
         assert service.health()["master_pid"] == before["master_pid"]
         assert not procs.session_leaders_below(before["master_pid"]), "it forked anyway"
+        # status asks the socket that serves and names the edit: a notice, not a page
+        status = service.cli("status", "--json")
+        assert status.returncode == 0, status.stdout + status.stderr
+        document = json.loads(status.stdout)
+        assert not document["problems"], document["problems"]
+        assert any("http-socket changed" in n for n in document["notices"]), document
         service.ini.write_text(original)
         reload_ok(service, "v2")
     no_failures(load)

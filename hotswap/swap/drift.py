@@ -11,12 +11,14 @@ removed), the socket the serving master really listens on is read from /proc ins
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import Config, read_keys
+from ..protocol import endpoint
 from ..system import files, procs
 
 # Keys a re-forked master inherits instead of applying (sockets are bound, the user is set
@@ -46,6 +48,22 @@ def record_start(cfg: Config) -> None:
     document = {"ini": str(cfg.ini), "started_at": time.time(),
                 "keys": read_keys(cfg, INHERITED)}
     files.atomic_write(snapshot_path(cfg), json.dumps(document, indent=1) + "\n")
+
+
+def as_started(cfg: Config) -> Config:
+    """`cfg` with the sockets the running instance was started with, if the ini has moved
+    them since: `status` asks the socket that serves, and names the edit as a notice, instead
+    of paging for a socket nobody was ever told to open (docs/operations.md)."""
+    try:
+        started = json.loads(snapshot_path(cfg).read_text())["keys"]
+        values = {key: [value] for key in endpoint.SOCKET_KEYS
+                  if isinstance(value := started.get(key), str) and value}
+        sockets = endpoint.from_values(values)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return cfg
+    if not sockets or {s.address for s in sockets} == {s.address for s in cfg.sockets}:
+        return cfg
+    return dataclasses.replace(cfg, sockets=sockets)
 
 
 def changes(cfg: Config, serving_master: int | None) -> list[Change]:
