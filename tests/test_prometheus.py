@@ -14,9 +14,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import REPO, Service
+from conftest import REPO, TEST_TERMS, Service
 
 from hotswap.system import procs
+from scripts.gen_resource import write_resource
 
 SHIPPED = REPO / "deploy" / "prometheus"
 PROMETHEUS, NODE_EXPORTER, PROMTOOL = (shutil.which(name) for name in (
@@ -114,11 +115,20 @@ def scraped(service: Service, tmp: Path):
 
 
 @pytest.mark.slow  # three reloads and two servers: ~45 s on a loaded 2-core machine
-def test_prometheus_sees_each_reload_and_the_serving_generation(service: Service,
-                                                                 tmp_path: Path):
-    first = service.start()
+def test_prometheus_sees_each_swap_and_the_serving_generation(tmp_path: Path):
+    """A good reload, a broken one, a good one and a refresh (store mode), as scraped."""
     tmp = tmp_path / "prometheus"
     tmp.mkdir()
+    (tmp_path / "service").mkdir()
+    service = Service(tmp_path / "service", mode="store")
+    try:
+        through_swaps(service, tmp)
+    finally:
+        service.teardown()
+
+
+def through_swaps(service: Service, tmp: Path) -> None:
+    first = service.start()
     service.release(version="v2")
     assert service.cli("reload").returncode == 0
     second = service.health()
@@ -142,9 +152,22 @@ def test_prometheus_sees_each_reload_and_the_serving_generation(service: Service
                                 SCRAPED_TIMEOUT), prometheus.generations()
         prometheus.wait_value('hotswap_reloads_total{result="ok"}', 2)
         assert prometheus.value("hotswap_memory_swap_headroom_bytes") is not None
+        # a refresh: the same master, a new store, so a new generation's info series
+        write_resource(str(service.root / "data" / "terms.tsv"), TEST_TERMS, seed=7,
+                       version="v4")
+        refreshed = service.cli("refresh", str(service.build_store("v4")))
+        assert refreshed.returncode == 0, refreshed.stdout + refreshed.stderr
+        fourth = service.health()
+        prometheus.wait_value('hotswap_refreshes_total{result="ok"}', 1)
+        prometheus.wait_value("hotswap_last_refresh_successful", 1)
+        assert procs.wait_until(lambda: prometheus.generations() == [fourth["generation"]],
+                                SCRAPED_TIMEOUT), prometheus.generations()
+        series = prometheus.query("hotswap_generation_info")[0]["metric"]
+        assert (series["master_pid"], series["store"]) == (str(third["master_pid"]), "v4")
         assert procs.wait_until(lambda: "HotswapLastReloadFailed" not in prometheus.alerts(),
                                 SCRAPED_TIMEOUT), prometheus.alerts()
-    assert len({first["generation"], second["generation"], third["generation"]}) == 3
+    assert len({first["generation"], second["generation"], third["generation"],
+                fourth["generation"]}) == 4
     lint = subprocess.run([PROMTOOL, "check", "metrics"], capture_output=True, text=True,
                           input=(service.run_dir / "hotswap.prom").read_text())
     assert lint.returncode == 0, lint.stdout + lint.stderr
