@@ -279,11 +279,13 @@ def status(ctx: Context, as_json: bool) -> None:
 
 
 @main.command(name="metrics")
+@click.option("--write", is_flag=True, help="Rewrite the file first from what serves now "
+              "(after a start, which swaps nothing; skipped while a swap runs).")
 @pass_context
-def metrics_cmd(ctx: Context) -> None:
+def metrics_cmd(ctx: Context, write: bool) -> None:
     """Print the swap metrics in Prometheus' text format: the textfile the last reload,
     refresh, deploy or rollback wrote (hotswap-metrics-file, default run/hotswap.prom)."""
-    click.echo(swap_metrics.current(ctx.cfg), nl=False)
+    click.echo((swap_metrics.rewrite if write else swap_metrics.current)(ctx.cfg), nl=False)
 
 
 def _format_status(report: dict) -> str:

@@ -14,6 +14,7 @@ from hotswap.config import Config
 from hotswap.errors import ExitCode
 from hotswap.protocol.record import Handover, State
 from hotswap.swap import metrics
+from hotswap.swap.lock import reload_lock
 from hotswap.system import memory
 
 SAMPLE = re.compile(r'^(?P<name>[a-z_]+)(?:\{(?P<labels>.*)\})? (?P<value>\S+)$')
@@ -107,6 +108,15 @@ def test_an_unreadable_record_restarts_the_counts(tmp_path: Path):
     assert metrics.SwapMetrics.read(cfg.run_dir) == metrics.SwapMetrics()
 
 
+def test_rewrite_skips_while_a_swap_holds_the_lock(tmp_path: Path):
+    cfg, host = config(tmp_path), FakeHost()
+    with reload_lock(cfg, "start another"):
+        assert "hotswap_generation_info" in metrics.rewrite(cfg, host)  # rendered, not written
+        assert not metrics.metrics_file(cfg).exists()
+    metrics.rewrite(cfg, host)
+    assert "hotswap_generation_info" in metrics.metrics_file(cfg).read_text()
+
+
 def test_an_unwritable_textfile_is_a_warning_not_a_failure(tmp_path: Path):
     cfg = config(tmp_path, metrics_file=tmp_path / "missing-dir" / "hotswap.prom")
     warning = metrics.count(cfg, FakeHost(), "reloads", "ok", 1.0)
@@ -118,6 +128,11 @@ def test_real_reloads_write_the_textfile(service):
     info follows the swap only, and `hotswap metrics` prints the same file."""
     before = service.start()
     textfile = service.run_dir / "hotswap.prom"
+    started = service.cli("metrics", "--write")  # a start swaps nothing: ExecStartPost's job
+    assert started.returncode == 0 and started.stdout == textfile.read_text()
+    first = (f'generation="{before["generation"]}",master_pid="{before["master_pid"]}",'
+             f'release="",store="v1"')
+    assert samples(started.stdout)[("hotswap_generation_info", first)] == 1
     with LoadGenerator(str(service.socket), 8, sample_paths(service)) as load:
         service.release(version="v2")
         assert service.cli("reload").returncode == 0

@@ -21,6 +21,7 @@ from ..config import Config
 from ..errors import ExitCode
 from ..system import files, memory
 from .host import Host, RealHost
+from .lock import unless_swapping
 
 RECORD_NAME = "metrics.json"
 # every result label is always exported, 0 included: rate() and increase() need the series
@@ -185,6 +186,19 @@ def count(cfg: Config, host: Host, kind: str, result: str, seconds: float | None
     except OSError as exc:
         return f"could not write the metrics to {path}: {exc.strerror or exc}"
     return None
+
+
+def rewrite(cfg: Config, host: Host | None = None) -> str:
+    """`hotswap metrics --write`: the file afresh from the record and what serves now (after
+    a start or a restart, which swap nothing: ExecStartPost=, or a timer). Skipped while a
+    swap runs, which writes it itself; the counters are re-read under the lock, so a swap
+    that ended meanwhile is never written back out of date."""
+    now = serving(host or RealHost(cfg))
+    with unless_swapping(cfg) as free:
+        if free:
+            files.atomic_write(metrics_file(cfg), render(SwapMetrics.read(cfg.run_dir), now),
+                               owner_of=cfg.run_dir)
+    return current(cfg, host)
 
 
 def current(cfg: Config, host: Host | None = None) -> str:
