@@ -6,11 +6,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from conftest import sample_paths
+from conftest import REPO, sample_paths
 from fakehost import NEW, OLD, FakeHost
 
 from bench.loadgen import LoadGenerator, summarize
 from hotswap.config import Config
+from hotswap.config import load as config_load
 from hotswap.errors import ExitCode
 from hotswap.protocol.record import Handover, State
 from hotswap.swap import metrics
@@ -94,6 +95,14 @@ def test_serving_generation_follows_the_host(tmp_path: Path):
     found = samples(cfg.metrics_file.read_text())
     assert [labels for name, labels in found if name == "hotswap_generation_info"] == \
         [f'generation="v2",master_pid="{NEW}",release="",store=""']
+
+
+def test_the_ini_names_the_file(tmp_path: Path):
+    ini = (REPO / "srv.ini").read_text()
+    assert metrics.metrics_file(config_load(REPO / "srv.ini")) == REPO / "run" / "hotswap.prom"
+    (tmp_path / "srv.ini").write_text(ini.replace(
+        "; hotswap-metrics-file = %(run_dir)/hotswap.prom", "hotswap-metrics-file = prom/x.prom"))
+    assert metrics.metrics_file(config_load(tmp_path / "srv.ini")) == tmp_path / "prom/x.prom"
 
 
 def test_label_values_are_escaped():
