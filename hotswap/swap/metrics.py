@@ -48,11 +48,13 @@ class Last:
     successful: bool | None = None  # None: never ran
     success_at: float | None = None  # epoch of the last ok one
     seconds: float | None = None  # the last one's duration, whatever its outcome
-    pause_seconds: float | None = None  # reload: the last committed hand-over's pause
-    # refresh: from the signal until every worker reported the new store
+    # reload: the last committed hand-over's pause; refresh: the last successful one's
+    # switch, from the signal until every worker reported the new store
+    pause_seconds: float | None = None
 
     def counted(self, result: str, seconds: float | None, now: float,
                 pause_seconds: float | None = None) -> Last:
+        """This record with one more swap of `result`; what it did not measure is kept."""
         counts = {**self.counts, result: self.counts.get(result, 0) + 1}
         ok = result == "ok"
         return Last(counts, ok, now if ok else self.success_at,
@@ -126,8 +128,8 @@ def _family(lines: list[str], name: str, kind: str, help_text: str,
         lines.append(f"{name}{{{text}}} {float(value)!r}" if text else f"{name} {float(value)!r}")
 
 
-def _swaps(lines: list[str], kind: str, last: Last, pause_help: str, pause_name: str) -> None:
-    plural = f"{kind}es" if kind.endswith("sh") else f"{kind}s"
+def _swaps(lines: list[str], kind: str, plural: str, last: Last, pause_help: str,
+           pause_name: str) -> None:
     _family(lines, f"hotswap_{plural}_total", "counter", f"{plural.capitalize()} by result.",
             [({"result": result}, last.counts.get(result, 0)) for result in RESULTS])
     flag = None if last.successful is None else int(last.successful)
@@ -145,11 +147,11 @@ def _swaps(lines: list[str], kind: str, last: Last, pause_help: str, pause_name:
 def render(state: SwapMetrics, now: Serving) -> str:
     """The text exposition format (version 0.0.4) of the record and what serves."""
     lines: list[str] = []
-    _swaps(lines, "reload", state.reloads, "Nobody accepted for this long during the last "
-           "committed hand-over (the old workers paused, the new not yet accepting).",
+    _swaps(lines, "reload", "reloads", state.reloads, "Nobody accepted for this long during "
+           "the last committed hand-over (the old workers paused, the new not yet accepting).",
            "handover_pause")
-    _swaps(lines, "refresh", state.refreshes, "From the signal until every worker of the last "
-           "successful refresh reported the new store.", "switch")
+    _swaps(lines, "refresh", "refreshes", state.refreshes, "From the signal until every "
+           "worker of the last successful refresh reported the new store.", "switch")
     if now.generation or now.master_pid:
         _family(lines, "hotswap_generation_info", "gauge", "The serving generation (value 1).",
                 [({"generation": now.generation, "master_pid": str(now.master_pid or ""),
