@@ -27,6 +27,7 @@ from .releases import watch as watcher
 from .service import adopt, checks, scaffold
 from .service import instance as inst
 from .service.supervisor import DEFAULT_GRACE, Supervisor, refuse_exec_as_pid1
+from .swap import metrics as swap_metrics
 from .swap import probe
 from .swap.reload import Phase, reload, write_last_reload
 from .system import memory, notify
@@ -275,6 +276,16 @@ def status(ctx: Context, as_json: bool) -> None:
     if not report["running"]:
         sys.exit(ExitCode.NOT_RUNNING)
     sys.exit(ExitCode.INCONSISTENT if report["problems"] else ExitCode.OK)
+
+
+@main.command(name="metrics")
+@click.option("--write", is_flag=True, help="Rewrite the file first from what serves now "
+              "(after a start, which swaps nothing; skipped while a swap runs).")
+@pass_context
+def metrics_cmd(ctx: Context, write: bool) -> None:
+    """Print the swap metrics in Prometheus' text format: the textfile the last reload,
+    refresh, deploy or rollback wrote (hotswap-metrics-file, default run/hotswap.prom)."""
+    click.echo((swap_metrics.rewrite if write else swap_metrics.current)(ctx.cfg), nl=False)
 
 
 def _format_status(report: dict) -> str:

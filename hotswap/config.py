@@ -39,6 +39,7 @@ REQUIRED_KEYS = {
 # srv.ini key -> Config field, for keys with a default (the field's default when unset).
 OPTIONAL_KEYS = {
     HEALTH_PATH_KEY: "health_path",
+    "hotswap-metrics-file": "metrics_file",  # swap/metrics.py; default <run_dir>/hotswap.prom
 }
 
 
@@ -56,6 +57,8 @@ class Config:
     sockets: tuple[Endpoint, ...] = ()
     # what reload, status and probe GET (hotswap/inside/wsgi.py)
     health_path: str = DEFAULT_HEALTH_PATH
+    # where each swap writes its Prometheus textfile (None: <run_dir>/hotswap.prom)
+    metrics_file: Path | None = None
 
     @property
     def socket(self) -> Endpoint:
@@ -176,4 +179,6 @@ def load(ini: str | os.PathLike) -> Config:
         raise HotswapError(f"{ini_path}: {exc}", ExitCode.CONFIG) from exc
     fields: dict = {field: Path(values[key]) for key, field in REQUIRED_KEYS.items()}
     fields.update({field: values[key] for key, field in OPTIONAL_KEYS.items() if values.get(key)})
+    if "metrics_file" in fields:  # relative: to the ini's folder, as uWSGI's %d would be
+        fields["metrics_file"] = ini_path.parent / fields["metrics_file"]
     return Config(ini=ini_path, uwsgi=uwsgi, sockets=sockets, **fields)

@@ -3,14 +3,16 @@
 # runs the README's tour), curl and socat (the shell health checks), nginx and wrk (the
 # bench's independent client), systemd (the systemd tests),
 # sshd (tests/test_fleet.py runs one Ansible host over a real SSH connection to 127.0.0.1),
-# logrotate (tests/test_integrity.py rotates the log with deploy/logrotate.conf), and what
+# logrotate (tests/test_integrity.py rotates the log with deploy/logrotate.conf), prometheus
+# and its node exporter (tests/test_prometheus.py scrapes the swap metrics' textfile and runs
+# promtool on deploy/prometheus/'s rules), and what
 # compiles uWSGI for the system python (gcc, python3-dev, python3-venv): the systemd tests
 # install the unit with a venv of /usr/bin/python3 (deploy/install-systemd.sh), and
 # `make test` runs this before it builds .venv, so a fresh root machine (CI) can build it.
 # As root it installs what is missing; otherwise it says what is missing and the tests that
 # need it skip with that reason.
 set -euo pipefail
-declare -A need=([curl]=curl [git]=git [socat]=socat [nginx]=nginx-light [wrk]=wrk [sshd]=openssh-server [logrotate]=logrotate)
+declare -A need=([curl]=curl [git]=git [socat]=socat [nginx]=nginx-light [wrk]=wrk [sshd]=openssh-server [logrotate]=logrotate [prometheus]=prometheus [prometheus-node-exporter]=prometheus-node-exporter)
 [ -x /lib/systemd/systemd ] || need[systemd]=systemd
 need[gcc]=gcc
 sys_include=$(/usr/bin/python3 -c 'import sysconfig; print(sysconfig.get_paths()["include"])' 2>/dev/null || true)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -55,6 +56,7 @@ def test_layout_keeps_the_run_dir_outside_the_releases(svc: LayoutService):
 def test_deploy_good_then_broken_then_rollback_under_load(svc: LayoutService):
     good, broken = svc.source("v2"), svc.broken_source("v3-broken")
     v1 = svc.current()
+    counted = reload_counts(svc)
     with LoadGenerator(str(svc.socket), CONNECTIONS, lookup_paths(svc), max_seconds=240) as load:
         done = svc.cli("deploy", str(good))
         assert done.returncode == 0, done.stdout + done.stderr
@@ -80,6 +82,23 @@ def test_deploy_good_then_broken_then_rollback_under_load(svc: LayoutService):
     rows = {r["id"]: r for r in svc.releases()}
     assert rows[v1]["current"] and rows[v1]["serving"] and not rows[v2]["serving"]
     assert rows[v1]["last_action"]["action"] == "rollback"
+    # deploys and rollbacks are reloads in the swap metrics; the release is a label
+    after = reload_counts(svc)
+    assert (after["ok"] - counted["ok"], after["failed"] - counted["failed"]) == (2, 1)
+    info = [line for line in (svc.run_dir / "hotswap.prom").read_text().splitlines()
+            if line.startswith("hotswap_generation_info{")]
+    assert len(info) == 1 and f'release="{v1}"' in info[0], info
+
+
+def reload_counts(svc: LayoutService) -> dict[str, float]:
+    """hotswap_reloads_total by result, from the textfile (zeros before the first swap)."""
+    path = svc.run_dir / "hotswap.prom"
+    text = path.read_text() if path.exists() else ""
+    found = dict.fromkeys(("ok", "failed"), 0.0)
+    for result, value in re.findall(r'^hotswap_reloads_total\{result="(\w+)"\} (\S+)$', text,
+                                    re.M):
+        found[result] = float(value)
+    return found
 
 
 def test_pruning_keeps_the_newest_and_the_serving_release(svc: LayoutService):

@@ -37,6 +37,8 @@ from ..errors import ExitCode, HotswapError
 from ..protocol import store
 from ..protocol.store_record import Phase, StoreSwitch
 from ..service.instance import find_masters
+from ..swap import metrics
+from ..swap.host import RealHost
 from ..swap.lock import reload_lock
 from ..swap.store_switch import (
     finish,
@@ -126,16 +128,34 @@ def noting_interrupts(noted: list[str]) -> Iterator[None]:
 
 
 def refresh(cfg: Config, path: str, timeout: float, show: Show) -> RefreshResult:
+    """One refresh under the reload lock, its outcome counted in the metrics (metrics.py)."""
+    target = Path(path).absolute()
+    if not target.is_file():
+        raise HotswapError(f"no store at {target}", ExitCode.CONFIG)
+    with reload_lock(cfg, "refresh"):
+        host, started_at = RealHost(cfg), time.monotonic()
+        try:
+            result = _locked(cfg, target, timeout, show)
+        except HotswapError:
+            metrics.count(cfg, host, "refreshes", "refused", time.monotonic() - started_at)
+            raise
+        # refused: validation or the app check said no, before the pointer moved
+        refused = not result.ok and not result.new_version and not result.interrupted
+        metrics.count(cfg, host, "refreshes", metrics.outcome(
+            result.ok, result.exit_code, result.interrupted, refused), result.seconds,
+            result.switch_seconds if result.ok else None)
+    return result
+
+
+def _locked(cfg: Config, target: Path, timeout: float, show: Show) -> RefreshResult:
+    """The refresh itself; the caller holds the reload lock."""
     started = time.monotonic()
 
     def at() -> float:
         return time.monotonic() - started
 
-    target = Path(path).absolute()
-    if not target.is_file():
-        raise HotswapError(f"no store at {target}", ExitCode.CONFIG)
     noted: list[str] = []
-    with reload_lock(cfg, "refresh"), noting_interrupts(noted):
+    with noting_interrupts(noted):
         for action in repair_switch(cfg):
             show("preflight", at(), f"repaired: {action}")
         pids, before = preflight(cfg)

@@ -133,6 +133,15 @@ def holder(cfg: Config) -> int | None:
         return None
 
 
+@contextmanager
+def unless_swapping(cfg: Config) -> Iterator[bool]:
+    """A shared hold on the reload lock for a few milliseconds' work, if no swap holds it
+    (True), else False at once: never a reason for a swap starting now to be refused."""
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    with open(cfg.lock_file, "a+") as handle:
+        yield _try_lock(handle, fcntl.LOCK_SH)
+
+
 def hold_instance_lock(cfg: Config) -> int:
     """Take run/instance.lock for the life of the instance and return its fd.
 

@@ -46,7 +46,7 @@ from ..config import Config
 from ..errors import ExitCode, HotswapError
 from ..protocol.record import PAUSE_STATES, Handover, State
 from ..system import early, files, memory, stats, uwsgilog
-from . import probe
+from . import metrics, probe
 from .host import Host, RealHost, Slot
 from .lock import reload_lock
 from .repair import Repair, abort_generation, exited, finish_committed, repair, wait
@@ -538,7 +538,21 @@ def reload(cfg: Config, timeout: float, drain_timeout: float,
 def _repaired_then_run(cfg: Config, machine: Reload,
                        on_phase: Callable[[Phase, float, str], None]) -> ReloadResult:
     """A refresh killed halfway is undone first: the new generation opens what the pointer
-    names, which must be a store every worker agreed on."""
-    for action in repair_switch(cfg):
-        on_phase(Phase.PREFLIGHT, 0.0, f"repaired: {action}")
-    return machine.run()
+    names, which must be a store every worker agreed on. Every outcome, a refusal included,
+    is counted in the metrics here, still under the reload lock (metrics.py)."""
+    try:
+        for action in repair_switch(cfg):
+            on_phase(Phase.PREFLIGHT, 0.0, f"repaired: {action}")
+        result = machine.run()
+    except HotswapError:
+        metrics.count(cfg, machine.host, "reloads", "refused",
+                      round(machine.host.now() - machine.started, 3))
+        raise
+    committed = machine.committed
+    warning = metrics.count(
+        cfg, machine.host, "reloads",
+        metrics.outcome(result.ok, result.exit_code, result.interrupted, refused=False),
+        result.seconds, committed.pause_seconds if committed else None)
+    if warning:
+        result.warnings.append(warning)
+    return result
