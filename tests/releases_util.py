@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 from conftest import REPO, Service
@@ -38,7 +37,6 @@ class LayoutService(Service):
 
     def __init__(self, base: Path) -> None:  # noqa: D107 - Service.__init__ copies a clone
         self.mode = "heap"
-        self.python = sys.executable
         self.health_path = "/healthz"
         self.src = base / "src"
         self.root = base / "app"
