@@ -128,12 +128,9 @@ class LiveStore:
             import uwsgi  # type: ignore[import-not-found]
         except ImportError:
             return False
-        run_dir = uwsgi.opt.get("run_dir")
-        if isinstance(run_dir, list):
-            run_dir = run_dir[-1]
-        if not run_dir:
+        self.run_dir = _run_dir(uwsgi.opt)
+        if not self.run_dir:
             return False
-        self.run_dir = run_dir.decode() if isinstance(run_dir, bytes) else str(run_dir)
         switch_file = Path(self.run_dir) / SWITCH_FILE
         switch_file.parent.mkdir(parents=True, exist_ok=True)
         switch_file.touch()  # inotify needs the file to exist when the master watches it
@@ -158,3 +155,23 @@ class LiveStore:
             # keep serving the old version; refresh sees the stale report and says so
             kept = self._snapshot.version if self._snapshot else None
             print(f"hotswap store: worker {os.getpid()} keeps {kept}: {exc}", file=sys.stderr)
+
+
+def _run_dir(opt: dict) -> str | None:
+    """The run dir every %(run_dir) of the ini expanded to.
+
+    Not `opt["run_dir"]` as such: uWSGI expands a placeholder with its FIRST definition but
+    reports the LAST one. In a release layout, hotswap.ini's run_dir comes first and
+    srv.ini's `%drun` (inside the release) last, so the store's switch file and worker
+    reports would land in the release, where `hotswap refresh` (which asks `uwsgi --get`,
+    the first) never looks. The pidfile is reported expanded, and the kit's inis (srv.ini,
+    `hotswap init`'s) put it in the run dir."""
+    def text(key: str) -> str | None:
+        value = opt.get(key)
+        if isinstance(value, list):
+            value = value[-1]
+        return value.decode() if isinstance(value, bytes) else value
+
+    pidfile = text("pidfile")
+    return os.path.dirname(pidfile) if pidfile else text("run_dir")
+

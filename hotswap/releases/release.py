@@ -43,6 +43,7 @@ from ..swap import probe
 from ..swap.lock import exclusive, reload_lock
 from ..swap.reload import Phase, ReloadResult, reload, write_last_reload
 from ..system import files, procs
+from . import content
 
 ENTRY_INI = "hotswap.ini"
 RELEASE_INI = "srv.ini"
@@ -250,7 +251,8 @@ class DeployResult:
     reload: dict | None = None
 
     def to_json(self) -> dict:
-        return asdict(self)
+        # changed: what serves is not what served before (a fleet tool's changed_when)
+        return {**asdict(self), "changed": self.ok and self.release != self.previous}
 
 
 def swap_to(cfg: Config, layout: Layout, result: DeployResult, timeout: float,
@@ -294,8 +296,9 @@ def swap_to(cfg: Config, layout: Layout, result: DeployResult, timeout: float,
 
 
 def deploy(ini: Path, source: Path, timeout: float, drain: float, keep: int,
-           import_check: bool, show: Show) -> DeployResult:
-    """Stage, check, flip, reload; `ini` is the layout's entry ini (ROOT/hotswap.ini)."""
+           import_check: bool, show: Show, if_changed: bool = False) -> DeployResult:
+    """Stage, check, flip, reload; `ini` is the layout's entry ini (ROOT/hotswap.ini).
+    if_changed: a release with the same content as the one serving is dropped, not swapped."""
     started = time.monotonic()
     first = Layout(ini.absolute().parent)
     if first.releases.is_dir() and first.current_id() is None:
@@ -314,6 +317,12 @@ def deploy(ini: Path, source: Path, timeout: float, drain: float, keep: int,
         result = DeployResult("deploy", False, int(ExitCode.RELOAD_FAILED), "",
                               previous=layout.current_id())
         result.release = stage(layout, source)
+        if if_changed and (same := same_as_serving(cfg, layout, result.release)):
+            remove(layout, result.release)
+            result.release = result.serving = same
+            result.ok, result.exit_code = True, int(ExitCode.OK)
+            result.message = f"release {same} already serves this content: nothing to do"
+            return _finish(layout, result, started, keep=0)
         try:
             check(cfg.uwsgi, layout.releases / result.release, import_check)
         except HotswapError as error:
@@ -322,6 +331,16 @@ def deploy(ini: Path, source: Path, timeout: float, drain: float, keep: int,
         else:
             swap_to(cfg, layout, result, timeout, drain, show)
         return _finish(layout, result, started, keep)
+
+
+def same_as_serving(cfg: Config, layout: Layout, staged: str) -> str | None:
+    """The serving release's id if `current` names it and it holds what `staged` holds."""
+    live = layout.current_id()
+    if live is None or live == staged or serving(cfg, layout) != live:
+        return None
+    same = (content.digest(layout.releases / live, SKIPPED_AT_TOP)
+            == content.digest(layout.releases / staged, SKIPPED_AT_TOP))
+    return live if same else None
 
 
 def _first(layout: Layout, source: Path, import_check: bool, started: float) -> DeployResult:
@@ -339,18 +358,24 @@ def _first(layout: Layout, source: Path, import_check: bool, started: float) -> 
     return _finish(layout, result, started, keep=0)
 
 
-def rollback(cfg: Config, timeout: float, drain: float, show: Show) -> DeployResult:
+def rollback(cfg: Config, timeout: float, drain: float, show: Show,
+             to: str | None = None) -> DeployResult:
+    """Swap in the release before `current`, or release `to` (a fleet's undo of a batch
+    names the release each host served before)."""
     layout = layout_of(cfg)
     started = time.monotonic()
     with reload_lock(cfg, "roll back"):
         current = layout.current_id()
         ids = layout.ids()
         older = [i for i in ids if current is None or i < current]
-        if not older:
+        if to is not None and to not in ids:
+            raise HotswapError(f"no release {to} in {layout.releases} to roll back to (there: "
+                               f"{', '.join(ids) or 'none'})", ExitCode.CONFIG)
+        if to is None and not older:
             raise HotswapError(f"no release older than {current} in {layout.releases} to "
                                "roll back to", ExitCode.CONFIG)
         result = DeployResult("rollback", False, int(ExitCode.RELOAD_FAILED), "",
-                              release=older[-1], previous=current)
+                              release=to or older[-1], previous=current)
         swap_to(cfg, layout, result, timeout, drain, show)
         return _finish(layout, result, started, keep=0)
 
