@@ -80,13 +80,14 @@ class Fleet:
         """host -> the version that answers (the table's, so v1, v2...)."""
         return {name: svc.serving_name() for name, svc in self.hosts.items()}
 
-    def roll(self, release: Path, **extra: object) -> subprocess.CompletedProcess:
+    def roll(self, release: Path, batches: list = BATCHES,
+             **extra: object) -> subprocess.CompletedProcess:
         loads = {name: LoadGenerator(str(svc.socket), CONNECTIONS, lookup_paths(svc),
                                      max_seconds=ROLLOUT_TIMEOUT).start()
                  for name, svc in self.hosts.items()}
         try:
             done, _ = run_playbook(self.inventory, release, self.root, timeout=ROLLOUT_TIMEOUT,
-                                   rollout_batches=BATCHES, rollout_report=str(self.report),
+                                   rollout_batches=batches, rollout_report=str(self.report),
                                    **extra)
         finally:
             summaries = {name: summarize(load.stop()) for name, load in loads.items()}
@@ -161,7 +162,8 @@ def test_good_release_rolls_over_every_batch_then_a_second_run_is_a_no_op(fleet:
     if sshd:  # host4's tasks really went through sshd
         assert "Accepted publickey for " + sshd.user in sshd.log.read_text()
 
-    second = fleet.roll(release)
+    # one batch: a no-op does not depend on the batches, and each batch costs Ansible's time
+    second = fleet.roll(release, batches=["100%"])
     assert second.returncode == 0, second.stdout[-4000:]
     # nothing swapped, nothing sent, no new release: same masters, changed=0 on every host
     assert fleet.masters() == swapped
