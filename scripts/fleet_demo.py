@@ -273,8 +273,14 @@ def main(argv: list[str] | None = None) -> int:
             ok = ok and done.returncode == expected
             timings.append((title, wall, report))
         print(timing_table(timings))
+        # after the third run: host1 swapped to v3, host2 refused it and serves v2
+        expected = {"host1": "v3+", "host2": "v2+"}
         for name, host in hosts.items():
-            print(f"fleet-demo: {name} serves {host.generation()}")
+            generation = host.generation() or "nothing"
+            print(f"fleet-demo: {name} serves {generation}")
+            if not generation.startswith(expected.get(name, "")):
+                print(f"fleet-demo: {name} should serve {expected[name]}...", file=sys.stderr)
+                ok = False
     finally:
         for name, load in loads.items():
             summary = summarize(load.stop())

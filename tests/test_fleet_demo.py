@@ -27,7 +27,8 @@ DEMO_TIMEOUT = 900
 def test_make_fleet_demo_rolls_three_releases_and_loses_nothing(tmp_path):
     demo = subprocess.Popen(
         ["make", "-s", "-C", str(REPO), "fleet-demo",
-         f"FLEET_ARGS=--hosts 3 --terms 2000 --workdir {tmp_path / 'demo'}"],
+         # two batches, [host1] then [host2, host3]: each batch costs Ansible's time
+         f"FLEET_ARGS=--hosts 3 --terms 2000 --batches '[1, 2]' --workdir {tmp_path / 'demo'}"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         out, _ = demo.communicate(timeout=DEMO_TIMEOUT)
