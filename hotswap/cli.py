@@ -525,27 +525,33 @@ def init_releases_cmd(root: Path, run_dir: Path | None, log_dir: Path | None) ->
               help="Releases to keep after a success (current and serving always kept).")
 @click.option("--check-import/--no-check-import", default=False, show_default=True,
               help="Import the release's app in a child process before the swap.")
+@click.option("--if-changed", is_flag=True,
+              help="Do nothing (exit 0) if the serving release holds the same files.")
 @with_swap_options
 @pass_context
-def deploy_cmd(ctx: Context, source: Path, keep: int, check_import: bool, timeout: float,
-               drain: float, force: bool, memory_margin: float, as_json: bool) -> None:
+def deploy_cmd(ctx: Context, source: Path, keep: int, check_import: bool, if_changed: bool,
+               timeout: float, drain: float, force: bool, memory_margin: float,
+               as_json: bool) -> None:
     """Ship SOURCE (a folder or a tarball) as a new release: copy, check, flip, reload.
 
     Exit 1: refused or rolled back (current names the old release, which serves)."""
     result = rel.deploy(Path(ctx.ini), source.absolute(), timeout, drain, keep, check_import,
                         _show_phase(as_json),
-                        rel.SwapOptions(timeout, drain, force, memory_margin))
+                        rel.SwapOptions(timeout, drain, force, memory_margin),
+                        if_changed=if_changed)
     _report(result, as_json)
 
 
 @main.command(name="rollback", epilog=EXIT_CODES_HELP)
+@click.option("--to", "to", metavar="ID", help="This release (an id from `releases`), not "
+              "the one before `current`.")
 @with_swap_options
 @pass_context
-def rollback_cmd(ctx: Context, timeout: float, drain: float, force: bool,
+def rollback_cmd(ctx: Context, to: str | None, timeout: float, drain: float, force: bool,
                  memory_margin: float, as_json: bool) -> None:
-    """Make the release before `current` live again (same safety as deploy)."""
+    """Make the release before `current` (or release --to) live again (same safety as deploy)."""
     _report(rel.rollback(ctx.cfg, timeout, drain, _show_phase(as_json),
-                         rel.SwapOptions(timeout, drain, force, memory_margin)), as_json)
+                         rel.SwapOptions(timeout, drain, force, memory_margin), to=to), as_json)
 
 
 @main.command(name="releases")

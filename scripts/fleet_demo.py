@@ -1,15 +1,18 @@
 """`make fleet-demo`: roll releases over a fleet of local hotswap instances with Ansible.
 
-Each "host" is an inventory host with `ansible_connection: local` and its own instance folder
-(srv.ini + srv.py + data/, served by `hotswap start`), all on this machine. Under load on
-every host, the demo runs deploy/ansible/rolling-release.yml three times:
+Each "host" is an inventory host with `ansible_connection: local` and its own release layout
+(`hotswap init-releases`: ROOT/hotswap.ini, ROOT/current -> releases/<id>, served by
+`hotswap start`), all on this machine. Under load on every host, the demo runs
+deploy/ansible/rolling-release.yml three times:
 
 1. release v2 in batches [1, "50%", "100%"]: every host swaps to it;
 2. the same release again: nothing swaps (idempotent);
 3. release v3, whose import fails on host2 (it needs a file that host lacks): the rollout stops
    after host2's batch, host2 is back on v2, the hosts after it were never touched.
 
-Then it stops every instance and prints the failed-request count per host (expected: 0).
+Then it prints, per run, batch and host, the wall time, the kit's own reload time and
+Ansible's overhead, stops every instance and prints the failed-request count per host
+(expected: 0).
 
     .venv/bin/python -m scripts.fleet_demo [--hosts 4] [--terms 200000] [--workdir DIR]
 
@@ -38,29 +41,39 @@ if str(REPO) not in sys.path:
 from bench.loadgen import LoadGenerator, summarize  # noqa: E402
 from hotswap.swap import probe  # noqa: E402
 from hotswap.system import procs  # noqa: E402
+from scripts.build_store import main as build_store  # noqa: E402
 from scripts.gen_resource import write_resource  # noqa: E402
 
 ANSIBLE_DIR = REPO / "deploy" / "ansible"
 PLAYBOOK = ANSIBLE_DIR / "rolling-release.yml"
 BIN = Path(sys.executable).parent
-# The file release v3 needs on each host; the demo leaves it off host2.
+# The file release v3 needs on each host, in the host's layout root (outside the release,
+# which is the same on every host); the demo leaves it off host2.
 NEEDED_FILE = "tagger.conf"
 BROKEN_PREAMBLE = f'''\
 import os as _os
-if not _os.path.exists(_os.path.join(_os.path.dirname(_os.path.abspath(__file__)),
-                                     "{NEEDED_FILE}")):
+# srv.py is ROOT/releases/<id>/srv.py: the host's own file is ROOT/{NEEDED_FILE}
+_root = _os.path.dirname(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))
+if not _os.path.exists(_os.path.join(_root, "{NEEDED_FILE}")):
     raise RuntimeError("this release needs {NEEDED_FILE} on this host")
 '''
 
 
-def make_release(folder: Path, version: str, terms: int, needs_host_file: bool = False) -> Path:
-    """A release folder as the playbook ships it: srv.py and data/terms.tsv."""
+def make_release(folder: Path, version: str, terms: int, needs_host_file: bool = False,
+                 store: bool = True) -> Path:
+    """A release folder as `hotswap deploy` takes it: srv.ini, srv.py, data/terms.tsv and
+    (store=True, what srv.py serves by default) data/store/ built from that table."""
     (folder / "data").mkdir(parents=True, exist_ok=True)
+    shutil.copy(REPO / "srv.ini", folder / "srv.ini")
     source = (REPO / "srv.py").read_text()
     if needs_host_file:
         source = BROKEN_PREAMBLE + source.replace("from __future__ import annotations\n", "")
     (folder / "srv.py").write_text(source)
-    write_resource(str(folder / "data" / "terms.tsv"), terms, seed=7, version=version)
+    table = folder / "data" / "terms.tsv"
+    write_resource(str(table), terms, seed=7, version=version)
+    if store:
+        assert build_store([str(table), "-o", str(folder / "data" / "store"), "--point",
+                            "--if-missing"]) == 0
     return folder
 
 
@@ -114,19 +127,27 @@ def run_playbook(inventory: Path, release_dir: Path | str | None, workdir: Path,
     return done, time.monotonic() - started
 
 
-# -- the demo's own instances (the tests use tests/conftest.py's Service) ----------------------
+# -- the demo's own instances (the tests use tests/releases_util.py's LayoutService) --------
+
+def kit(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "hotswap"), *args], capture_output=True, text=True,
+                          timeout=timeout)
+
 
 class Host:
-    def __init__(self, root: Path, terms: int) -> None:
+    """A release layout on this machine: ROOT/hotswap.ini, the first release deployed."""
+
+    def __init__(self, root: Path, first_release: Path) -> None:
         self.root = root
         root.mkdir(parents=True)
-        shutil.copy(REPO / "srv.py", root / "srv.py")
-        shutil.copy(REPO / "srv.ini", root / "srv.ini")
-        (root / "data").mkdir()
-        write_resource(str(root / "data" / "terms.tsv"), terms, seed=7, version="v1")
-        self.ini = root / "srv.ini"
+        self.ini = root / "hotswap.ini"
         self.socket = root / "run" / "http.sock"
         self.supervisor: subprocess.Popen | None = None
+        for args in (("init-releases", str(root)),
+                     ("--ini", str(self.ini), "deploy", str(first_release))):
+            done = kit(*args)
+            if done.returncode != 0:
+                raise RuntimeError(f"hotswap {' '.join(args)}: {done.stderr.strip()}")
 
     def start(self) -> None:
         log = open(self.root / "start.log", "w")  # noqa: SIM115 - the child keeps it
@@ -149,8 +170,7 @@ class Host:
     def stop(self) -> None:
         if self.supervisor is None:
             return
-        subprocess.run([str(BIN / "hotswap"), "--ini", str(self.ini), "stop", "--timeout", "20"],
-                       capture_output=True, timeout=60)
+        kit("--ini", str(self.ini), "stop", "--timeout", "20", timeout=60)
         try:
             self.supervisor.wait(timeout=20)
         except subprocess.TimeoutExpired:
@@ -158,25 +178,33 @@ class Host:
             self.supervisor.wait(timeout=10)
 
 
+TABLE_HEAD = ("| run | playbook wall s | batch | batch wall s | host | kit: reload s "
+              "| kit: deploy command s | Ansible overhead s |\n|---|---|---|---|---|---|---|---|")
+
+
 def timing_table(timings: list[tuple[str, float, Path]]) -> str:
-    """Per run: its wall time; per batch: its wall time; per host: the kit's swap and the
-    reload command (the hotswap process included), from the play's reports."""
-    lines = ["| run | playbook wall s | batch: wall s | host: swap s (reload command s) |",
-             "|---|---|---|---|"]
+    """One row per host of every batch: the batch's wall time (the play's clock), the kit's
+    reload (`reload.seconds` of deploy's JSON) and its whole deploy command (the command
+    task's delta: the hotswap process, staging, check, swap), and Ansible's overhead = the
+    batch's wall time less that host's deploy command."""
+    lines = [TABLE_HEAD]
     for title, wall, report in timings:
         try:
             hosts = json.loads(report.read_text())["hosts"]
         except (OSError, ValueError):
             hosts = []
-        batches: dict[str, object] = {}
-        for host in hosts:
-            if host["batch"]:
-                batches.setdefault(", ".join(host["batch"]), host["batch_seconds"])
-        swaps = [f"{h['host']} {h['swap_seconds']} ({h['reload_command_seconds']})"
-                 for h in hosts if h["swap_seconds"] is not None]
-        lines.append(f"| {title} | {wall:.1f} | "
-                     + "; ".join(f"[{k}] {v}" for k, v in batches.items()) + " | "
-                     + ("; ".join(swaps) or "no swap") + " |")
+        reached = [h for h in hosts if h["batch"]]
+        for host in reached:
+            batch, batch_wall = ", ".join(host["batch"]), host["batch_seconds"]
+            command = host["deploy_command_seconds"]
+            overhead = (f"{float(batch_wall) - float(command):.2f}"
+                        if batch_wall is not None and command is not None else "")
+            reload = ("no swap" if host["reload_seconds"] is None else
+                      f"{host['reload_seconds']}{' (failed)' if host['failed'] else ''}")
+            lines.append(f"| {title} | {wall:.1f} | [{batch}] | {batch_wall} | {host['host']} "
+                         f"| {reload} | {command} | {overhead} |")
+        if not reached:
+            lines.append(f"| {title} | {wall:.1f} | (no report) | | | | | |")
     return "\n".join(lines)
 
 
@@ -207,21 +235,23 @@ def main(argv: list[str] | None = None) -> int:
         workdir = Path(tempfile.mkdtemp(prefix="hotswap-fleet-"))
 
     names = [f"host{i}" for i in range(1, args.hosts + 1)]
-    hosts = {name: Host(workdir / "hosts" / name, args.terms) for name in names}
+    releases = workdir / "releases"
+    v1 = make_release(releases / "v1", "v1", args.terms)
+    hosts = {name: Host(workdir / "hosts" / name, v1) for name in names}
     ok = True
     loads: dict[str, LoadGenerator] = {}
     try:
         for host in hosts.values():
             host.start()
         for name, host in hosts.items():
-            if not procs.wait_until(host.ready, 60, interval=0.1):
+            if not procs.wait_until(host.ready, 120, interval=0.1):
                 print(f"fleet-demo: {name} did not come up; see {host.root}/log", file=sys.stderr)
                 return 1
         for name, host in hosts.items():
             if name != "host2":
                 (host.root / NEEDED_FILE).write_text("ok\n")
-        v2 = make_release(workdir / "releases" / "v2", "v2", args.terms)
-        v3 = make_release(workdir / "releases" / "v3", "v3", args.terms, needs_host_file=True)
+        v2 = make_release(releases / "v2", "v2", args.terms)
+        v3 = make_release(releases / "v3", "v3", args.terms, needs_host_file=True)
         inventory = write_inventory(workdir / "inventory.yml",
                                     {name: host.ini for name, host in hosts.items()})
         print(f"fleet-demo: {args.hosts} hosts under {workdir}/hosts, each v1, "
@@ -243,8 +273,14 @@ def main(argv: list[str] | None = None) -> int:
             ok = ok and done.returncode == expected
             timings.append((title, wall, report))
         print(timing_table(timings))
+        # after the third run: host1 swapped to v3, host2 refused it and serves v2
+        expected = {"host1": "v3+", "host2": "v2+"}
         for name, host in hosts.items():
-            print(f"fleet-demo: {name} serves {host.generation()}")
+            generation = host.generation() or "nothing"
+            print(f"fleet-demo: {name} serves {generation}")
+            if not generation.startswith(expected.get(name, "")):
+                print(f"fleet-demo: {name} should serve {expected[name]}...", file=sys.stderr)
+                ok = False
     finally:
         for name, load in loads.items():
             summary = summarize(load.stop())

@@ -312,7 +312,8 @@ def sample_paths(svc: Service, count: int = 50) -> tuple[str, ...]:
 
 # The longest files first: under `make test` (two xdist workers, one file each at a time) the
 # fleet's Ansible runs overlap the rest instead of running alone at the end.
-LONGEST_FIRST = ("test_fleet", "test_systemd", "test_watch_systemd", "test_faults")
+LONGEST_FIRST = ("test_fleet", "test_fleet_demo", "test_systemd", "test_watch_systemd",
+                 "test_faults")
 
 
 def pytest_collection_modifyitems(config, items) -> None:

@@ -1,7 +1,12 @@
-"""deploy/ansible/rolling-release.yml with real Ansible against local hotswap instances.
+"""deploy/ansible/rolling-release.yml with real Ansible against hotswap release layouts.
 
-Each inventory host is `ansible_connection: local` with its own instance folder (a Service),
-all under load over their unix sockets for the whole rollout.
+One fleet for the module: four hosts, each its own release layout (tests/releases_util.py's
+LayoutService) under load over its unix socket for every rollout. host4 goes through a real
+sshd on 127.0.0.1 when the test runs as root (else it is local like the others). The tests
+run in file order and each starts from what the one before left:
+
+  v1 everywhere -> v2 (good, then again: a no-op) -> v3 (breaks on host2: host1, host3 on
+  v3; host2, host4 on v2) -> v4 with a gate nothing passes (host1 swaps and rolls back to v3)
 """
 
 from __future__ import annotations
@@ -15,11 +20,20 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TEST_TERMS, Service, sample_paths
+from conftest import REPO
+from releases_util import TERMS, LayoutService, lookup_paths
 
 from bench.loadgen import LoadGenerator, summarize
 from hotswap.system import procs
-from scripts.fleet_demo import BIN, NEEDED_FILE, make_release, run_playbook, write_inventory
+from scripts.fleet_demo import (
+    BIN,
+    NEEDED_FILE,
+    ansible_env,
+    make_release,
+    playbook_argv,
+    run_playbook,
+    write_inventory,
+)
 
 pytestmark = pytest.mark.skipif(
     not (BIN / "ansible-playbook").exists(),
@@ -29,42 +43,57 @@ pytestmark = pytest.mark.skipif(
 HOSTS = ("host1", "host2", "host3", "host4")
 BATCHES = [1, "50%", "100%"]  # 4 hosts: [host1], [host2, host3], [host4]
 CONNECTIONS = 2  # per host: the machine has 2 cores and other suites run beside this one
-# A rollout is mostly Ansible's own work (a fresh Python process per module run): about a
-# minute per batch on a 2-core machine busy with other suites, seconds on an idle one.
-ROLLOUT_TIMEOUT = 900
+ROLLOUT_TIMEOUT = 600
+SSHD = Path("/usr/sbin/sshd")
+WITH_SSH = SSHD.exists() and os.geteuid() == 0
 
 
 class Fleet:
-    def __init__(self, root: Path, names: tuple[str, ...] = HOSTS,
-                 host_vars: dict | None = None) -> None:
+    """Hosts that are release layouts, v1 deployed and serving; releases built under ROOT."""
+
+    def __init__(self, root: Path, host_vars: dict | None = None) -> None:
         self.root = root
-        self.hosts: dict[str, Service] = {}
-        for name in names:
+        self.hosts: dict[str, LayoutService] = {}
+        for name in HOSTS:
             (root / name).mkdir()
-            self.hosts[name] = Service(root / name)
+            self.hosts[name] = LayoutService(root / name)
         self.inventory = write_inventory(
             root / "inventory.yml", {name: svc.ini for name, svc in self.hosts.items()},
             host_vars)
         self.report = root / "report.json"
 
     def start(self) -> None:
+        v1 = self.release("v1")
         for svc in self.hosts.values():
+            done = svc.cli("deploy", str(v1))
+            assert done.returncode == 0, done.stderr
             svc.start()
+
+    def release(self, version: str, **options: bool) -> Path:
+        return make_release(self.root / "releases" / version, version, TERMS, store=False,
+                            **options)
 
     def masters(self) -> dict[str, int]:
         return {name: svc.health()["master_pid"] for name, svc in self.hosts.items()}
 
-    def generations(self) -> dict[str, str]:
-        return {name: svc.health()["generation"] for name, svc in self.hosts.items()}
+    def serving(self) -> dict[str, str]:
+        """host -> the version that answers (the table's, so v1, v2...)."""
+        return {name: svc.serving_name() for name, svc in self.hosts.items()}
 
-    def load(self) -> dict[str, LoadGenerator]:
-        return {name: LoadGenerator(str(svc.socket), CONNECTIONS, sample_paths(svc),
-                                    max_seconds=600) for name, svc in self.hosts.items()}
-
-    def roll(self, release: Path | str | None, **extra: object):
-        done, _ = run_playbook(self.inventory, release, self.root, timeout=ROLLOUT_TIMEOUT,
-                               rollout_batches=BATCHES, rollout_report=str(self.report),
-                               **extra)
+    def roll(self, release: Path, batches: list = BATCHES,
+             **extra: object) -> subprocess.CompletedProcess:
+        loads = {name: LoadGenerator(str(svc.socket), CONNECTIONS, lookup_paths(svc),
+                                     max_seconds=ROLLOUT_TIMEOUT).start()
+                 for name, svc in self.hosts.items()}
+        try:
+            done, _ = run_playbook(self.inventory, release, self.root, timeout=ROLLOUT_TIMEOUT,
+                                   rollout_batches=batches, rollout_report=str(self.report),
+                                   **extra)
+        finally:
+            summaries = {name: summarize(load.stop()) for name, load in loads.items()}
+        for name, summary in summaries.items():
+            assert summary["failed"] == 0, (name, summary)
+            assert summary["requests"] > 0, (name, summary)
         return done
 
     def report_hosts(self) -> dict[str, dict]:
@@ -80,140 +109,138 @@ class Fleet:
         assert not errors, errors
 
 
-@pytest.fixture
-def fleet(tmp_path: Path):
-    group = Fleet(tmp_path)
+def recap(done: subprocess.CompletedProcess) -> dict[str, str]:
+    return {line.split()[0]: line for line in done.stdout.splitlines()
+            if line.startswith("host") and "unreachable=" in line}
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory):
+    if not WITH_SSH:
+        yield None
+        return
+    server = Sshd(tmp_path_factory.mktemp("sshd"))
     try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory, sshd):
+    root = tmp_path_factory.mktemp("fleet")
+    host_vars = {"host4": sshd.host_vars(root / "remote-tmp")} if sshd else None
+    group = Fleet(root, host_vars)
+    try:
+        group.start()
         yield group
     finally:
         group.teardown()
 
 
-def stop_all(loads: dict[str, LoadGenerator]) -> dict[str, dict]:
-    return {name: summarize(load.stop()) for name, load in loads.items()}
-
-
 @pytest.mark.slow
-@pytest.mark.timeout(2 * ROLLOUT_TIMEOUT)
-def test_good_release_rolls_over_every_batch_then_a_second_run_is_idempotent(fleet: Fleet):
-    fleet.start()
+@pytest.mark.timeout(3 * ROLLOUT_TIMEOUT)
+def test_good_release_rolls_over_every_batch_then_a_second_run_is_a_no_op(fleet: Fleet, sshd):
     before = fleet.masters()
-    release = make_release(fleet.root / "releases" / "v2", "v2", TEST_TERMS)
-    loads = {name: load.start() for name, load in fleet.load().items()}
-    try:
-        first = fleet.roll(release)
-        assert first.returncode == 0, first.stdout[-4000:]
-        swapped = fleet.masters()
-        second = fleet.roll(release)
-        assert second.returncode == 0, second.stdout[-4000:]
-    finally:
-        summaries = stop_all(loads)
-
-    for name, summary in summaries.items():
-        assert summary["failed"] == 0, (name, summary)
-        assert len(summary["generations"]) == 2, (name, summary)  # v1, then v2
+    release = fleet.release("v2")
+    first = fleet.roll(release)
+    assert first.returncode == 0, first.stdout[-4000:]
+    swapped = fleet.masters()
     # the batches, in order: serial [1, "50%", "100%"] over 4 hosts
-    batches = [line.split('"msg": "batch ')[1].split(":")[0]
-               for line in first.stdout.splitlines() if '"msg": "batch ' in line]
-    assert batches == ["host1", "host2, host3", "host4"], first.stdout[-4000:]
-    assert all(g.startswith("v2+") for g in fleet.generations().values())
-    assert all(swapped[name] != before[name] for name in HOSTS)
-    # the second run swapped nothing: same masters, nothing changed, it says so per host
-    assert fleet.masters() == swapped
-    assert second.stdout.count("nothing to do") == len(HOSTS), second.stdout[-4000:]
-    for name in HOSTS:
-        assert f"{name}" in second.stdout and "changed=0" in next(
-            line for line in second.stdout.splitlines() if line.startswith(f"{name} "))
     report = fleet.report_hosts()
-    assert {h["release"] for h in report.values()} == {"v2"}, report
-    assert all(h["result"].startswith("unchanged") for h in report.values()), report
-    # no copy of the old release is left behind on a host that swapped
+    batches = {tuple(h["batch"]) for h in report.values()}
+    assert batches == {("host1",), ("host2", "host3"), ("host4",)}, report
+    # ... in that order: release ids start with the UTC time the host staged them
+    ids = {name: svc.current() for name, svc in fleet.hosts.items()}
+    assert ids["host1"] < min(ids["host2"], ids["host3"]) <= max(ids["host2"], ids["host3"]) \
+        < ids["host4"], ids
+    assert set(fleet.serving().values()) == {"v2"}
+    assert all(swapped[name] != before[name] for name in HOSTS)
+    for name, svc in fleet.hosts.items():
+        assert report[name]["release"] == svc.current() and svc.current().endswith("-v2")
+        assert report[name]["changed"] and report[name]["reload_seconds"] > 0, report[name]
+    if sshd:  # host4's tasks really went through sshd
+        assert "Accepted publickey for " + sshd.user in sshd.log.read_text()
+
+    # one batch: a no-op does not depend on the batches, and each batch costs Ansible's time
+    second = fleet.roll(release, batches=["100%"])
+    assert second.returncode == 0, second.stdout[-4000:]
+    # nothing swapped, nothing sent, no new release: same masters, changed=0 on every host
+    assert fleet.masters() == swapped
+    assert second.stdout.count("\"msg\": \"already serves release ") == len(HOSTS), \
+        second.stdout[-4000:]
+    assert all("changed=0" in recap(second)[name] for name in HOSTS), recap(second)
+    report = fleet.report_hosts()
+    assert not any(h["changed"] for h in report.values()), report
     for svc in fleet.hosts.values():
-        assert not list(svc.root.rglob("*~")), list(svc.root.rglob("*~"))
+        assert [r["id"][-2:] for r in svc.releases()] == ["v1", "v2"]
+        assert not list((svc.root / "releases" / svc.current()).glob("run"))
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(2 * ROLLOUT_TIMEOUT)
 def test_release_broken_on_the_second_host_stops_the_rollout(fleet: Fleet):
-    fleet.start()
     before = fleet.masters()
+    previous = {name: svc.current() for name, svc in fleet.hosts.items()}
     for name, svc in fleet.hosts.items():
         if name != "host2":  # the release needs this file; host2 lacks it
             (svc.root / NEEDED_FILE).write_text("ok\n")
-    release = make_release(fleet.root / "releases" / "v2", "v2", TEST_TERMS,
-                           needs_host_file=True)
-    old_files = {name: {path: (svc.root / path).read_bytes()
-                        for path in ("srv.py", "data/terms.tsv")}
-                 for name, svc in fleet.hosts.items()}
-    loads = {name: load.start() for name, load in fleet.load().items()}
-    try:
-        done = fleet.roll(release)
-    finally:
-        summaries = stop_all(loads)
-
-    for name, summary in summaries.items():
-        assert summary["failed"] == 0, (name, summary)
+    done = fleet.roll(fleet.release("v3", needs_host_file=True))
     # the play failed, naming the host and the kit's cause
     assert done.returncode == 2, done.stdout[-4000:]
-    assert "host2: release v2 failed" in done.stdout, done.stdout[-4000:]
+    assert "host2: release v3 failed (Swap | hotswap deploy" in done.stdout, done.stdout[-4000:]
     assert f"RuntimeError: this release needs {NEEDED_FILE} on this host" in done.stdout
-    generations, masters = fleet.generations(), fleet.masters()
+    serving, masters = fleet.serving(), fleet.masters()
     # host1 (batch 1) and host3 (host2's batch, swapped in parallel) serve the new release
-    assert generations["host1"].startswith("v2+") and generations["host3"].startswith("v2+")
-    # host2: the kit rolled back, its old master never stopped serving, its files are v1 again
-    assert generations["host2"].startswith("v1+")
-    assert masters["host2"] == before["host2"]
+    assert serving["host1"] == serving["host3"] == "v3", serving
+    # host2: the kit rolled back, its old master never stopped serving, `current` is v2 again
+    host2 = fleet.hosts["host2"]
+    assert serving["host2"] == "v2" and masters["host2"] == before["host2"]
+    assert host2.current() == previous["host2"]
+    assert not any(r["id"].endswith("-v3") for r in host2.releases())
     # host4 (batch 3) was never touched
-    assert generations["host4"].startswith("v1+") and masters["host4"] == before["host4"]
-    for name in ("host2", "host4"):
-        root = fleet.hosts[name].root
-        for path, content in old_files[name].items():
-            assert (root / path).read_bytes() == content, (name, path)
-        assert not list(root.rglob("*~")), list(root.rglob("*~"))
-    assert not (fleet.hosts["host4"].root / ".hotswap-release.json").exists()
+    assert serving["host4"] == "v2" and masters["host4"] == before["host4"]
+    assert fleet.hosts["host4"].current() == previous["host4"]
     report = fleet.report_hosts()
-    assert report["host1"]["release"] == "v2" and report["host3"]["release"] == "v2"
-    assert report["host2"]["result"].startswith("FAILED: hotswap reload exit 1"), report
-    assert "rolled back: the old release v1+" in report["host2"]["result"], report
+    assert report["host2"]["failed"] and report["host2"]["result"].startswith(
+        "FAILED (Swap | hotswap deploy --if-changed --json): hotswap deploy exit 1"), report
+    assert f"rolled back: the old release {previous['host2']} serves" in \
+        report["host2"]["result"], report
     assert report["host4"]["result"] == "not reached", report
     # the failed host is the one the recap counts as failed
-    recap = {line.split()[0]: line for line in done.stdout.splitlines()
-             if line.startswith("host") and "unreachable=" in line}
-    assert "failed=1" in recap["host2"] and "failed=0" in recap["host1"], recap
+    assert "failed=1" in recap(done)["host2"] and "failed=0" in recap(done)["host1"]
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(2 * ROLLOUT_TIMEOUT)
-def test_a_failed_gate_swaps_the_old_release_back(tmp_path: Path):
+def test_a_failed_gate_swaps_the_old_release_back(fleet: Fleet):
     # the release itself is fine; the gate asks for a page nothing serves, so host1's gate
-    # fails after its swap and the rescue must swap v1 back in
-    fleet = Fleet(tmp_path, ("host1", "host2"))
-    try:
-        fleet.start()
-        before = fleet.masters()
-        old_files = (fleet.hosts["host1"].root / "data" / "terms.tsv").read_bytes()
-        release = make_release(tmp_path / "releases" / "v2", "v2", TEST_TERMS)
-        loads = {name: load.start() for name, load in fleet.load().items()}
-        try:
-            done = fleet.roll(release, hotswap_probe_path="/lookup?q=no-such-term",
-                              hotswap_probe_retries=1)
-        finally:
-            summaries = stop_all(loads)
-        for name, summary in summaries.items():
-            assert summary["failed"] == 0, (name, summary)
-        assert done.returncode == 2, done.stdout[-4000:]
-        assert "host1: release v2 failed (Gate | hotswap probe" in done.stdout, done.stdout[-4000:]
-        generations, masters = fleet.generations(), fleet.masters()
-        # host1 went to v2 and back: a new master, the old release
-        assert generations["host1"].startswith("v1+") and masters["host1"] != before["host1"]
-        root = fleet.hosts["host1"].root
-        assert (root / "data" / "terms.tsv").read_bytes() == old_files
-        assert not list(root.rglob("*~")), list(root.rglob("*~"))
-        assert "rolled back: the old release v1+" in fleet.report_hosts()["host1"]["result"]
-        # host2 was never touched
-        assert generations["host2"].startswith("v1+") and masters["host2"] == before["host2"]
-    finally:
-        fleet.teardown()
+    # fails after its swap and the rescue must roll it back to v3 (what it served before)
+    before = fleet.masters()
+    host1 = fleet.hosts["host1"]
+    previous = host1.current()
+    done = fleet.roll(fleet.release("v4"), hotswap_probe_path="/lookup?q=no-such-term",
+                      hotswap_probe_retries=1)
+    assert done.returncode == 2, done.stdout[-4000:]
+    assert "host1: release v4 failed (Gate | hotswap probe" in done.stdout, done.stdout[-4000:]
+    serving, masters = fleet.serving(), fleet.masters()
+    # host1 went to v4 and back: a new master, the old release, `current` names it again
+    assert serving["host1"] == "v3" and masters["host1"] != before["host1"]
+    assert host1.current() == previous
+    assert f"rolled back: the old release {previous} serves" in \
+        fleet.report_hosts()["host1"]["result"]
+    # the later batches were never touched
+    assert all(masters[name] == before[name] for name in ("host2", "host3", "host4"))
+
+
+def test_rollback_to_a_release_the_host_lacks_is_refused(fleet: Fleet):
+    host1 = fleet.hosts["host1"]
+    current = host1.current()
+    done = host1.cli("rollback", "--to", "no-such-release")
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.startswith("hotswap: no release no-such-release in "), done.stderr
+    assert len(done.stderr.splitlines()) == 1 and "Traceback" not in done.stderr
+    assert host1.current() == current
 
 
 def test_missing_release_is_refused_before_any_host(tmp_path: Path):
@@ -222,7 +249,7 @@ def test_missing_release_is_refused_before_any_host(tmp_path: Path):
                                 {"host1": tmp_path / "nowhere" / "srv.ini"})
     (tmp_path / "empty-release").mkdir()
     for release, message in ((tmp_path / "no-such-release", "no-such-release: no such folder"),
-                             (tmp_path / "empty-release", "lacks srv.py, data/terms.tsv"),
+                             (tmp_path / "empty-release", "lacks srv.ini, srv.py"),
                              (None, "no release given: pass -e release_dir=")):
         done, _ = run_playbook(inventory, release, tmp_path, timeout=300)
         assert done.returncode == 2, done.stdout
@@ -231,8 +258,6 @@ def test_missing_release_is_refused_before_any_host(tmp_path: Path):
 
 
 def test_playbook_passes_ansible_syntax_check(tmp_path: Path):
-    from scripts.fleet_demo import ansible_env, playbook_argv
-
     inventory = write_inventory(tmp_path / "inventory.yml", {"host1": REPO / "srv.ini"})
     done = subprocess.run(playbook_argv(inventory, REPO) + ["--syntax-check"],
                           env=ansible_env(tmp_path), capture_output=True, text=True, timeout=120)
@@ -306,32 +331,3 @@ class Sshd:
         self.process.wait(timeout=30)
         left = [p for p in procs.descendants(self.process.pid) if procs.alive(p)]
         assert not left, f"sshd sessions left behind: {left}"
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(2 * ROLLOUT_TIMEOUT)
-@pytest.mark.skipif(not SSHD.exists() or os.geteuid() != 0,
-                    reason="needs root and openssh-server (scripts/install-system-deps.sh)")
-def test_a_host_over_real_ssh_swaps_like_a_local_one(tmp_path: Path):
-    sshd = Sshd(tmp_path)
-    try:
-        fleet = Fleet(tmp_path, ("local1", "ssh1"),
-                      {"ssh1": sshd.host_vars(tmp_path / "remote-tmp")})
-        try:
-            fleet.start()
-            release = make_release(tmp_path / "releases" / "v2", "v2", TEST_TERMS)
-            loads = {name: load.start() for name, load in fleet.load().items()}
-            try:
-                done = fleet.roll(release)
-            finally:
-                summaries = stop_all(loads)
-            assert done.returncode == 0, done.stdout[-4000:]
-            assert all(g.startswith("v2+") for g in fleet.generations().values())
-            for name, summary in summaries.items():
-                assert summary["failed"] == 0, (name, summary)
-            # ssh1's tasks really went through sshd
-            assert "Accepted publickey for " + sshd.user in sshd.log.read_text()
-        finally:
-            fleet.teardown()
-    finally:
-        sshd.stop()

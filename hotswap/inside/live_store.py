@@ -242,15 +242,24 @@ class LiveStore:
 
 
 def _run_dir(options: dict) -> str | None:
-    """The instance's run dir, where the CLI looks: `hotswap start` exports it. (A release
-    layout's hotswap.ini sets run_dir, then the release's srv.ini sets its own `%drun`: the
-    first definition is the one uWSGI expands, and the one the CLI reads.)"""
-    run_dir = os.environ.get(RUN_DIR_ENV) or options.get("run_dir")
-    if isinstance(run_dir, list):
-        run_dir = run_dir[0]
-    if not run_dir:
-        return None
-    return run_dir.decode() if isinstance(run_dir, bytes) else str(run_dir)
+    """The instance's run dir, where the CLI looks: `hotswap start` exports it.
+
+    Without it, not `options["run_dir"]` as such: uWSGI expands a placeholder with its FIRST
+    definition but reports the LAST one. In a release layout, hotswap.ini's run_dir comes
+    first and srv.ini's `%drun` (inside the release) last, so the switch file and worker
+    reports would land in the release, where `hotswap refresh` never looks. The pidfile is
+    reported expanded, and the kit's inis put it in the run dir."""
+    if run_dir := os.environ.get(RUN_DIR_ENV):
+        return run_dir
+
+    def text(key: str) -> str | None:
+        value = options.get(key)
+        if isinstance(value, list):
+            value = value[0] if key == "run_dir" else value[-1]
+        return value.decode() if isinstance(value, bytes) else value
+
+    pidfile = text("pidfile")
+    return os.path.dirname(pidfile) if pidfile else text("run_dir")
 
 
 def remember_validated(run_dir: str, info: store.StoreInfo) -> None:

@@ -49,6 +49,7 @@ from ..swap import probe
 from ..swap.lock import exclusive, reload_lock
 from ..swap.reload import Phase, ReloadResult, reload, write_last_reload
 from ..system import files, memory, procs
+from . import content
 
 ENTRY_INI = "hotswap.ini"
 RELEASE_INI = "srv.ini"
@@ -372,7 +373,8 @@ class DeployResult:
     source_stat: str | None = None  # restarted watcher knows what its last run took
 
     def to_json(self) -> dict:
-        return asdict(self)
+        # changed: what serves is not what served before (a fleet tool's changed_when)
+        return {**asdict(self), "changed": self.ok and self.release != self.previous}
 
     def end(self, outcome: Outcome, code: ExitCode | int, message: str) -> None:
         self.outcome, self.exit_code, self.message = outcome.value, int(code), message
@@ -483,9 +485,10 @@ def _interruptible(action: str) -> Iterator[None]:
 
 
 def deploy(ini: Path, source: Path, timeout: float, drain: float, keep: int,
-           import_check: bool, show: Show, options: SwapOptions | None = None
-           ) -> DeployResult:
-    """Stage, check, flip, reload; `ini` is the layout's entry ini (ROOT/hotswap.ini)."""
+           import_check: bool, show: Show, options: SwapOptions | None = None,
+           if_changed: bool = False) -> DeployResult:
+    """Stage, check, flip, reload; `ini` is the layout's entry ini (ROOT/hotswap.ini).
+    if_changed: a release with the same content as the one serving is dropped, not swapped."""
     started = time.monotonic()
     options = options or SwapOptions(timeout, drain)
     refuse_source(source)
@@ -511,9 +514,25 @@ def deploy(ini: Path, source: Path, timeout: float, drain: float, keep: int,
         with _attempt(result, lambda: _finish(layout, result, started, keep)):
             result.swept = sweep(layout)
             stage(layout, source, result.release)
+            if if_changed and (same := same_as_serving(cfg, layout, result.release)):
+                remove(layout, result.release)
+                result.release = result.serving = same
+                result.end(Outcome.OK, ExitCode.OK,
+                           f"release {same} already serves this content: nothing to do")
+                return result
             check(cfg.uwsgi, layout.releases / result.release, import_check)
             swap_to(cfg, layout, result, options, show)
         return result
+
+
+def same_as_serving(cfg: Config, layout: Layout, staged: str) -> str | None:
+    """The serving release's id if `current` names it and it holds what `staged` holds."""
+    live = layout.current_id()
+    if live is None or live == staged or serving(cfg, layout) != live:
+        return None
+    same = (content.digest(layout.releases / live, SKIPPED_AT_TOP)
+            == content.digest(layout.releases / staged, SKIPPED_AT_TOP))
+    return live if same else None
 
 
 def _first(layout: Layout, source: Path, import_check: bool, started: float) -> DeployResult:
@@ -531,18 +550,25 @@ def _first(layout: Layout, source: Path, import_check: bool, started: float) -> 
 
 
 def rollback(cfg: Config, timeout: float, drain: float, show: Show,
-             options: SwapOptions | None = None) -> DeployResult:
+             options: SwapOptions | None = None, to: str | None = None) -> DeployResult:
+    """Swap in the release before `current`, or release `to` (a fleet's undo of a batch
+    names the release each host served before)."""
     layout = layout_of(cfg)
     started = time.monotonic()
     with reload_lock(cfg, "roll back"):
         current = layout.current_id()
-        older = [i for i in good_ids(layout) if current is None or i < current]
-        if not older:
+        ids = good_ids(layout)
+        older = [i for i in ids if current is None or i < current]
+        if to is not None and to not in ids:
+            raise HotswapError(f"no release {to} in {layout.releases} to roll back to (there: "
+                               f"{', '.join(ids) or 'none'}; releases a deploy refused never "
+                               "count)", ExitCode.CONFIG)
+        if to is None and not older:
             raise HotswapError(f"no release older than {current} in {layout.releases} to "
                                "roll back to (releases a deploy refused never count)",
                                ExitCode.CONFIG)
         result = DeployResult("rollback", False, int(ExitCode.RELOAD_FAILED), "",
-                              release=older[-1], previous=current)
+                              release=to or older[-1], previous=current)
         with _attempt(result, lambda: _finish(layout, result, started, 0)):
             swap_to(cfg, layout, result, options or SwapOptions(timeout, drain), show)
         return result
