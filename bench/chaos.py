@@ -190,6 +190,10 @@ class Soak:
                     load, since = self._load(segment), time.time()
                 self.swaps.append(self.one(planned))
                 say(self.swaps[-1])
+                if not self.swaps[-1].serving:
+                    print("chaos: nothing answers: stopped (every swap after an outage would "
+                          "measure only the outage)", flush=True)
+                    break
         finally:
             try:
                 self.records.extend(load.stop())

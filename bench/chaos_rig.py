@@ -274,6 +274,10 @@ def land(fault: str, delay: float, cli: Cli, instance: Instance, old_master: int
     if not pid or cli.process.poll() is not None:
         landed.note = f"no {target} to hit (the reload was done or it never appeared)"
         return landed
+    if target == "new master" and _committed(instance, pid):
+        # then it is the serving master: killing it is an outage of the fault's own making
+        landed.note = "the new master had committed before the moment: not hit"
+        return landed
     landed.phase = cli.phase()
     if target == "cli" and not catches(pid, signal.SIGTERM):
         landed.phase = STARTUP  # no handler of the kit's yet: the interpreter's defaults
@@ -293,6 +297,12 @@ def catches(pid: int, signum: int) -> bool:
     except (OSError, StopIteration):
         return False
     return bool(int(caught.split()[1], 16) & (1 << (signum - 1)))
+
+
+def _committed(instance: Instance, master: int) -> bool:
+    record = instance.handover()
+    return record.get("master_pid") == master and record.get("state") in (
+        "committed", "retire-sent", "done")
 
 
 def _sleep_while_running(cli: Cli, delay: float) -> bool:
