@@ -24,12 +24,12 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from terminal import Terminal
 
 from hotswap.swap import probe
 from hotswap.system import procs
@@ -119,26 +119,6 @@ def test_every_command_block_runs_or_says_why_not():
                 unmarked.append(f"{page.relative_to(REPO)}:{line}")
     assert not unmarked, ("command blocks neither in a <!-- doc-session --> nor marked "
                           f"<!-- doc: not run: REASON -->: {unmarked}")
-
-
-class Terminal:
-    """A terminal's foreground command in its own process group (Ctrl-C at teardown)."""
-
-    def __init__(self, command: str, cwd: Path, env: dict, log: Path) -> None:
-        self.log = log
-        with open(log, "w") as out:
-            self.process = subprocess.Popen(["bash", "-c", command], cwd=cwd, env=env,
-                                            stdout=out, stderr=subprocess.STDOUT,
-                                            start_new_session=True)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGINT)
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
 
 
 def working_copy(example: str, tmp_path: Path) -> Path:

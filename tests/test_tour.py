@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from terminal import Terminal
 
 from hotswap.swap import probe
 from hotswap.system import procs
@@ -82,34 +83,6 @@ def tour_steps(text: str) -> list[Step]:
 
 def run_files(run_dir: Path) -> set[str]:
     return {str(p.relative_to(run_dir)) for p in run_dir.rglob("*")}
-
-
-class Terminal:
-    """The first terminal: one foreground command in its own process group."""
-
-    def __init__(self, command: str, cwd: Path, env: dict, log: Path) -> None:
-        self.log = log
-        with open(self.log, "w") as out:
-            self.process = subprocess.Popen(["bash", "-c", command], cwd=cwd, env=env,
-                                            stdout=out, stderr=subprocess.STDOUT,
-                                            start_new_session=True)
-
-    def ctrl_c(self) -> int:
-        os.killpg(self.process.pid, signal.SIGINT)
-        return self.process.wait(timeout=STEP_TIMEOUT)
-
-    def output(self) -> str:
-        return self.log.read_text()
-
-    def stop(self) -> None:
-        """Teardown: Ctrl-C (the supervisor stops its masters), then SIGKILL if need be."""
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGINT)
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
 
 
 @pytest.fixture
