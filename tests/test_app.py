@@ -4,6 +4,7 @@ config checks of `hotswap start` refuse what breaks a swap (real uWSGI throughou
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -24,6 +25,7 @@ from app_util import (
 from bench.loadgen import LoadGenerator, summarize
 from hotswap import config
 from hotswap.inside import wsgi
+from hotswap.protocol.endpoint import Endpoint
 from hotswap.service import checks
 
 # more for a soak: HOTSWAP_APP_RELOADS=50 pytest tests/test_app.py -k plain
@@ -146,6 +148,29 @@ def test_config_checks_see_what_uwsgi_sees(plain: InitProject):
     assert checks.problems(cfg, checks.uwsgi_version(cfg.uwsgi), values) == []
     old = checks.problems(cfg, (2, 0, 30), values)
     assert len(old) == 1 and "uWSGI 2.0.30" in old[0] and "older than 2.0.31" in old[0]
+
+
+def test_start_refuses_a_unix_socket_path_uwsgi_cannot_bind(plain: InitProject):
+    """uWSGI binds a unix socket path of 102 bytes and refuses 103 ("invalid socket name",
+    then nothing serves): start says so in one line, before anything runs."""
+    cfg = config.load(plain.ini)
+    values = config.read_keys(cfg, checks.KEYS)
+    version = checks.uwsgi_version(cfg.uwsgi)
+    for length, refused in ((checks.MAX_UNIX_PATH, False), (checks.MAX_UNIX_PATH + 1, True)):
+        path = "/tmp/" + "s" * (length - len("/tmp/.sock")) + ".sock"
+        long = dataclasses.replace(cfg, sockets=(Endpoint.parse(path),))
+        found = checks.problems(long, version, values)
+        assert bool(found) is refused, found
+        if refused:
+            assert f"http-socket = {path}: {length} bytes" in found[0], found
+    text = plain.ini.read_text()
+    deep = plain.root / ("d" * 90)
+    bad = plain.root / "long-socket.ini"
+    bad.write_text(text.replace("%(run_dir)/http.sock", f"{deep}/http.sock", 1))
+    done = plain.cli("--ini", str(bad), "start", "--supervise", timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert "longer than the 102 a unix socket path may have" in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
 
 
 # -- hotswap init ---------------------------------------------------------------------------

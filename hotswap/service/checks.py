@@ -32,6 +32,9 @@ SUPPORTED = {
 KEYS = ["need-app", "vacuum", "stats", "hook-accepting", "lazy-apps", "lazy", "emperor",
         "threads", *GATEWAYS]
 TRUE = {"1", "true", "yes", "on", "y", "t"}
+# the longest unix socket path uWSGI binds: 102 bytes binds, 103 is "invalid socket name"
+# (measured with uWSGI 2.0.31; the kernel's sun_path holds 107 and a NUL)
+MAX_UNIX_PATH = 102
 
 
 # the accepting hook's module; the second is its old path, still named by inis written
@@ -94,6 +97,15 @@ def problems(cfg: Config, version: tuple[int, ...] | None,
         found.append(f"{ini} runs uWSGI's Emperor (emperor = {values['emperor']}): the kit "
                      "swaps one instance, not an Emperor; run each vassal with `hotswap "
                      "start` instead")
+    unix = [(where.key, where.address) for where in cfg.sockets if where.path]
+    if ":" not in stats and stats:
+        unix.append(("stats", stats))
+    for key, address in unix:
+        if len(address.encode()) > MAX_UNIX_PATH:
+            found.append(f"{ini} sets {key} = {address}: {len(address.encode())} bytes, longer "
+                         f"than the {MAX_UNIX_PATH} a unix socket path may have (uWSGI says "
+                         "\"invalid socket name\" and serves nothing); use a shorter run dir, "
+                         "e.g. run_dir = /run/hotswap")
     hook = values.get("hook-accepting") or ""
     if not any(module in hook for module in HANDOVER_MODULES):
         found.append(f"{ini} has no hook-accepting running `python -m {HANDOVER_MODULES[0]}`: "
