@@ -30,7 +30,7 @@ from .service.supervisor import DEFAULT_GRACE, Supervisor, refuse_exec_as_pid1
 from .swap import metrics as swap_metrics
 from .swap import probe
 from .swap.reload import Phase, reload, write_last_reload
-from .system import memory, notify
+from .system import files, memory, notify
 
 # probe speaks the monitoring-plugin convention, not the rest of the CLI's codes.
 PROBE_OK, PROBE_WARNING, PROBE_CRITICAL, PROBE_UNKNOWN = 0, 1, 2, 3
@@ -122,7 +122,7 @@ def start(ctx: Context, exec_mode: bool | None, grace: float) -> None:
     for path in removed:
         click.echo(here(f"hotswap: removed stale {path}"), err=True)
     # the run dir as the CLI resolved it: the store's worker reports go there (live_store.py)
-    env = dict(os.environ, HOTSWAP_PYTHON=sys.executable, HOTSWAP_RUN_DIR=str(cfg.run_dir))
+    env = dict(os.environ, HOTSWAP_PYTHON=sys.executable, **{files.RUN_DIR_ENV: str(cfg.run_dir)})
     if "NOTIFY_SOCKET" in env:
         # The accepting hook notifies systemd, when worker 1 really accepts; uWSGI's own
         # READY=1 (master up, app maybe not) must not reach it.

@@ -239,6 +239,10 @@ class FakeHost:
                            mem_available=self.available_bytes, cgroup=self.cgroup, limit=None,
                            in_use=None, oom_kills=self.oom_count)
 
+    def restore_priority(self, master: int) -> str:
+        self.events.append(("priority", master))
+        return f"nice 0 for master {master} and 2 workers"
+
     def oom_kills(self, master: int) -> int | None:
         return self.oom_count
 

@@ -496,3 +496,18 @@ def test_without_a_cgroup_only_a_dead_new_master_is_blamed_on_the_oom_killer():
     ours.at(0.3, lambda: ours.oom_kill(NEW))
     result = Reload(ours, 30.0, 5.0).run()
     assert "new master 200 was killed by the kernel's OOM killer" in result.message
+
+
+def test_a_release_still_loading_at_half_its_timeout_gets_the_services_priority_back():
+    """It loads at a low priority; past half of --timeout it must not lose the deadline to
+    that, so the machine restores the service's own (once) and says so in the timeline."""
+    host = FakeHost(plan=[(at + 3.5, state) for at, state in GOOD_PLAN])
+    details: list[str] = []
+    machine = Reload(host, 6.0, 5.0, lambda _p, _at, detail: details.append(detail))
+    result = machine.run()
+    assert result.ok, result.message
+    assert host.events.count(("priority", NEW)) == 1
+    [line] = [d for d in details if "half of --timeout" in d]
+    assert f"master {NEW}" in line, line
+    quick = FakeHost()
+    assert run(quick, timeout=30.0)[0].ok and ("priority", NEW) not in quick.events

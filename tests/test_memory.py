@@ -25,7 +25,7 @@ from conftest import Service, sample_paths
 from bench.loadgen import LoadGenerator, summarize
 from hotswap.errors import ExitCode
 from hotswap.swap import probe
-from hotswap.system import memory, procs
+from hotswap.system import memory, priority, procs
 
 TERMS = 400_000
 CONNECTIONS = 32
@@ -123,10 +123,18 @@ def score(pid: int) -> int:
     return int(Path(f"/proc/{pid}/oom_score_adj").read_text())
 
 
+def nice(pid: int) -> int:
+    return os.getpriority(os.PRIO_PROCESS, pid)
+
+
 @pytest.mark.slow
 def test_the_loading_generation_has_the_high_score_the_serving_one_its_own(
         svc: CgroupService):
+    """The OOM score and the priority: high score, low priority while it loads (srv.ini's
+    loading_oom_score_adj and hotswap-loading-nice); the service's own once it serves."""
     normal = int((svc.run_dir / memory.NORMAL_SCORE_NAME).read_text())
+    service = priority.normal(svc.run_dir)
+    assert service is not None and service.nice == nice(svc.supervisor.pid)
     assert normal == score(svc.supervisor.pid) != LOADING_SCORE
     serving = svc.generation()
     assert [score(pid) for pid in serving] == [normal] * len(serving)
@@ -135,6 +143,9 @@ def test_the_loading_generation_has_the_high_score_the_serving_one_its_own(
         reload = svc.cli_background("reload")
         loading = svc.loading_pid()  # the new master, blocked in its import
         assert score(loading) == LOADING_SCORE
+        assert nice(loading) == service.nice + priority.DEFAULT_LOADING_NICE
+        assert priority.current(loading).ioprio == priority.IOPRIO_BEST_EFFORT_LOWEST
+        assert [nice(pid) for pid in serving] == [service.nice] * len(serving)
         assert [score(pid) for pid in serving] == [normal] * len(serving)
         svc.let_import_finish()
         out, err = reload.communicate(timeout=120)
@@ -144,6 +155,7 @@ def test_the_loading_generation_has_the_high_score_the_serving_one_its_own(
     new = svc.generation()
     assert new[0] == loading and len(new) > 1
     assert [score(pid) for pid in new] == [normal] * len(new), "the new generation kept 1000"
+    assert [priority.current(pid) for pid in new] == [service] * len(new), "still low"
 
 
 @pytest.mark.slow

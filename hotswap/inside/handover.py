@@ -47,7 +47,7 @@ from pathlib import Path
 
 from ..protocol import fifo, record
 from ..protocol.record import Handover, State
-from ..system import files, memory, notify, procs, uwsgilog
+from ..system import files, memory, notify, priority, procs, uwsgilog
 
 PAUSE_TIMEOUT = 2.0
 QUIET_SECONDS = 0.25
@@ -166,6 +166,9 @@ def perform(paths: Paths, master: int, existing: Handover | None) -> str:
     # The generation loaded with a high oom_score_adj (srv.ini): it is about to serve, so it
     # goes back to the service's own before the old master is told to quit (docs/memory.md).
     log(memory.settle(paths.run_dir, master))
+    # It also loaded at a low CPU and I/O priority (inside/loading.py): it serves at the
+    # service's own from here, and this hook pauses the old workers at it.
+    log(priority.settle(paths.run_dir, master, also=(os.getpid(),)))
     steps = [(State.STARTED, _notify), (State.NOTIFYING, _notify), (State.NOTIFIED, _pause),
              (State.PAUSING, _wait_paused), (State.PAUSED, _wait_paused),
              (State.COMMITTED, _retire), (State.RETIRE_SENT, _finish)]

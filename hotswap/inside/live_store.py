@@ -40,7 +40,7 @@ from ..system import files
 SWITCH_SIGNAL = 42
 SWITCH_FILE = "store.switch"
 CHECK_STORE_ENV = "HOTSWAP_CHECK_STORE"
-RUN_DIR_ENV = "HOTSWAP_RUN_DIR"
+RUN_DIR_ENV = files.RUN_DIR_ENV
 
 
 @dataclass

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import lmdb
 
-from ..system import files, procs
+from ..system import files, priority, procs
 
 FORMAT = "hotswap-store v1"
 META_DB = b"meta"
@@ -288,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 2 or args[0] != "validate":
         print("usage: python -m hotswap.protocol.store validate PATH", file=sys.stderr)
         return 2
+    # the full pass competes with the serving workers: it takes the CPU and disk they leave
+    priority.background()
     try:
         info = validate(args[1])
     except StoreError as exc:

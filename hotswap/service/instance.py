@@ -19,7 +19,7 @@ from ..swap.host import RealHost
 from ..swap.lock import hold_instance_lock, holder, reload_lock
 from ..swap.repair import abort_generation, reattach_fifos, repair
 from ..swap.store_repair import repair_store, store_problems
-from ..system import files, memory, procs, stats
+from ..system import files, memory, priority, procs, stats
 
 
 def find_masters(cfg: Config):
@@ -82,7 +82,9 @@ def prepare_start(cfg: Config) -> tuple[int, list[Path]]:
     lock_fd = hold_instance_lock(cfg)  # closes the race between two starts
     removed = clear_stale_files(cfg)
     drift.record_start(cfg)
-    memory.remember_normal_score(cfg.run_dir)  # what each generation returns to once it serves
+    # what each generation returns to once it serves: its OOM score, its priority
+    memory.remember_normal_score(cfg.run_dir)
+    priority.remember_normal(cfg.run_dir)
     return lock_fd, removed
 
 

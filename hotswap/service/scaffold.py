@@ -63,6 +63,10 @@ log-reopen = true
 ; accepting hook lowers it again before the commit); safeexec: a failure loses nothing
 loading_oom_score_adj = 1000
 hook-pre-app = safeexec:echo %(loading_oom_score_adj) > /proc/$PPID/oom_score_adj
+; and at a low CPU and I/O priority (this many nice levels lower, 0 turns it off), so the
+; generation that serves keeps the CPU; the accepting hook restores the service's own
+hotswap-loading-nice = 10
+import = hotswap.inside.loading
 
 ; -- the app: imported once, in the master, before the workers fork (no lazy-apps) --
 chdir = %d

@@ -32,7 +32,7 @@ from ..config import Config
 from ..errors import ExitCode, HotswapError
 from ..protocol import fifo, record
 from ..protocol.record import Handover, State
-from ..system import files, memory, notify, procs, stats, uwsgilog
+from ..system import files, memory, notify, priority, procs, stats, uwsgilog
 from . import drift, probe
 
 KILL_TIMEOUT = 10.0
@@ -95,6 +95,7 @@ class Host(Protocol):
     def write_pidfile(self, master: int) -> None: ...
     def memory_room(self, master: int, margin_percent: float) -> memory.Room: ...
     def oom_kills(self, master: int) -> int | None: ...
+    def restore_priority(self, master: int) -> str: ...  # what it did, for the timeline
 
 
 class RealHost:
@@ -245,6 +246,9 @@ class RealHost:
 
     def write_pidfile(self, master: int) -> None:
         files.atomic_write(self.cfg.pidfile, f"{master}\n", owner_of=self.cfg.run_dir)
+
+    def restore_priority(self, master: int) -> str:
+        return priority.settle(self.cfg.run_dir, master)
 
     def memory_room(self, master: int, margin_percent: float) -> memory.Room:
         """Whether a second copy of `master`'s generation fits (memory.py)."""

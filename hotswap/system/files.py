@@ -10,6 +10,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+# the run dir as `hotswap start` resolved it, exported to uWSGI and so to every generation
+# (the store's worker reports and the loading priority read it)
+RUN_DIR_ENV = "HOTSWAP_RUN_DIR"
+
 
 @contextmanager
 def beside(path: os.PathLike | str) -> Iterator[str]:
