@@ -225,7 +225,7 @@ class Soak:
             retry = instance.reload(*RELOAD_ARGS)
         run = cli.finish(CLI_BUDGET)
         swap.reload_ended = run.ended or time.time()
-        if not planned.fault and run.code == 0:
+        if run.code == 0 and not (landed and landed.at):  # a reload no fault touched
             self.swap_seconds = swap.reload_ended - swap.started
         swap.code, swap.message = run.code, run.first_error or run.stdout.strip()[-300:]
         swap.phases = [(at, line.split("]", 1)[1].split()[0]) for at, line in cli.lines
