@@ -268,3 +268,41 @@ def test_a_v1_oom_kill_in_a_child_cgroup_counts_for_its_parent(tmp_path):
     (tmp_path / "service" / "memory.oom_control").write_text("oom_kill_disable 0\noom_kill 1\n")
     (child / "memory.oom_control").write_text("oom_kill_disable 0\noom_kill 2\n")
     assert memory.Cgroup(tmp_path / "service", 1, tmp_path).oom_kills() == 3
+
+
+@pytest.mark.slow
+def test_a_run_dir_that_fills_up_mid_swap_fails_cleanly_or_swaps(tmp_path):
+    """`disk full`, landed while the import hangs: the run dir (a small tmpfs of its own) is
+    filled to the last byte, then the import goes on. The reload either swaps (exit 0, the
+    new release serves) or fails cleanly (non-zero, a message, the old master serves); once
+    the space is freed, the next reload exits 0."""
+    from bench.chaos_squeeze import RunDirDisk
+
+    service = Service(tmp_path)
+    disk = RunDirDisk(service.run_dir)
+    try:
+        service.start()
+        master = service.health()["master_pid"]
+        service.seen_masters.add(master)
+        service.release_hanging_import()
+        reload = service.cli_background("reload", "--timeout", "60")
+        service.loading_pid()
+        assert disk.fill() > 0
+        service.let_import_finish()
+        out, err = reload.communicate(timeout=120)
+        service.restore_code()
+        serving = service.health()["master_pid"]
+        service.seen_masters.add(serving)
+        if reload.returncode == 0:
+            assert serving != master, out + err
+        else:
+            assert serving == master, out + err
+            assert err.startswith("hotswap: reload FAILED"), out + err
+            assert "Traceback" not in err, err
+        disk.free()
+        follow = service.cli("reload", "--timeout", "60")
+        assert follow.returncode == 0, follow.stdout + follow.stderr
+        service.seen_masters.add(service.health()["master_pid"])
+    finally:
+        service.teardown()
+        disk.unmount()
