@@ -36,7 +36,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 
-from bench.chaos_rig import FAULTS, KILLS_REQUESTS, STARTUP, Instance, Load, land
+from bench.chaos_rig import FAULTS, FILL, KILLS_REQUESTS, STARTUP, Instance, Load, land
 
 # The random moment of a fault is a seeded fraction of a span after its target appears: for
 # the CLI and an old worker, of the last unfaulted reload's length from the reload's start
@@ -167,7 +167,8 @@ class Soak:
     def __init__(self, args: argparse.Namespace, plan: list[Planned]) -> None:
         self.args = args
         self.plan = plan
-        self.instance = Instance(keep=args.keep)
+        self.instance = Instance(keep=args.keep, small_disk=any(
+            FAULTS[p.fault][1] == FILL for p in plan if p.fault))
         self.swaps: list[Swap] = []
         self.records: list[dict] = []
         self.out = args.out or tempfile.mkdtemp(prefix="hotswap-chaos-out-")
@@ -176,9 +177,10 @@ class Soak:
 
     def run(self) -> None:
         began = time.time()
-        self.instance.start()
-        load, since, segment = self._load(0), time.time(), 0
+        load = None
         try:
+            self.instance.start()
+            load, since, segment = self._load(0), time.time(), 0
             for planned in self.plan:
                 if self.args.minutes and time.time() - began > self.args.minutes * 60:
                     print(f"chaos: --minutes {self.args.minutes:g} spent: stopped before swap "
@@ -196,7 +198,8 @@ class Soak:
                     break
         finally:
             try:
-                self.records.extend(load.stop())
+                if load:
+                    self.records.extend(load.stop())
             finally:  # the instance is stopped even if the load client failed
                 self.instance.stop()
 
@@ -222,7 +225,7 @@ class Soak:
             retry = instance.reload(*RELOAD_ARGS)
         run = cli.finish(CLI_BUDGET)
         swap.reload_ended = run.ended or time.time()
-        if not planned.fault and run.code == 0:
+        if run.code == 0 and not (landed and landed.at):  # a reload no fault touched
             self.swap_seconds = swap.reload_ended - swap.started
         swap.code, swap.message = run.code, run.first_error or run.stdout.strip()[-300:]
         swap.phases = [(at, line.split("]", 1)[1].split()[0]) for at, line in cli.lines
@@ -230,6 +233,7 @@ class Soak:
         swap.landed = asdict(landed) if landed else None
         answer = instance.answers_within()
         swap.serving = (answer or {}).get("generation", "")
+        instance.settle()  # the disk freed, the OOM trap lifted: the follow-up must work
         if planned.fault:
             follow = (retry or instance.reload(*RELOAD_ARGS)).finish(CLI_BUDGET)
             swap.follow_code = follow.code

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench import chaos_squeeze
 from bench.bench import LoadProcess
 from hotswap.swap import probe
 from hotswap.system import procs
@@ -102,7 +103,7 @@ class Cli:
 class Instance:
     """srv.py + srv.ini copied into a temp folder, served by `hotswap start --supervise`."""
 
-    def __init__(self, keep: bool = False, terms: int = TERMS) -> None:
+    def __init__(self, keep: bool = False, terms: int = TERMS, small_disk: bool = False) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="hotswap-chaos-"))
         self.keep = keep
         self.terms = terms
@@ -113,7 +114,24 @@ class Instance:
         self.socket = self.run_dir / "http.sock"
         self.supervisor: subprocess.Popen | None = None
         self.seen: set[int] = set()  # every pid of the instance we met, stopped at the end
+        # the "disk full" fault's small disk for the run dir, the "new master OOM" one's cgroups
+        self.disk = chaos_squeeze.RunDirDisk(self.run_dir) if small_disk else None
+        self.traps = chaos_squeeze.OomTrap(f"hotswap-chaos-{os.getpid()}")
         self.release("v0")
+
+    def fill(self) -> int:
+        if self.disk is None:
+            raise RigError("the disk full fault needs Instance(small_disk=True)")
+        return self.disk.fill()
+
+    def trap(self, pid: int) -> str:
+        return self.traps.trap(pid)
+
+    def settle(self) -> None:
+        """After a swap: free the filled disk, lift and remove the OOM traps."""
+        if self.disk:
+            self.disk.free()
+        self.traps.release()
 
     def release(self, version: str) -> None:
         write_resource(str(self.root / "data" / "terms.tsv"), self.terms, seed=7,
@@ -195,6 +213,9 @@ class Instance:
         if self.supervisor and self.supervisor.poll() is None:
             self.supervisor.kill()
             self.supervisor.wait(timeout=10)
+        self.traps.release()
+        if self.disk:
+            self.disk.unmount()
         if not self.keep:
             shutil.rmtree(self.root, ignore_errors=True)
 
@@ -218,10 +239,17 @@ class Load(LoadProcess):
 
 
 # -- faults -----------------------------------------------------------------------------------
-# Each fault is (target, signal). Targets: the reload CLI; the accepting hook that performs
-# the hand-over; the new master while it loads; a worker of the old generation, or of the
-# new one once it serves (its in-flight request dies with it: counted as killed by the
-# fault, not lost by the kit). A SIGSTOP is followed by SIGCONT STOP_SECONDS later.
+# Two faults are no signal: the run dir's disk filling up (a filler file on the run dir's own
+# small tmpfs, freed once the reload exited), and the new master moved, while it loads, into
+# a memory cgroup of its own whose limit is below what its import needs (the kernel's OOM
+# killer takes it, or the first of its processes to allocate).
+FILL = "fill"
+OOM = "oom"
+# Each fault is (target, signal or one of those two). Targets: the reload CLI; the accepting
+# hook that performs the hand-over; the new master while it loads; a worker of the old
+# generation, or of the new one once it serves (a request in flight in a worker killed dies
+# with it: counted as killed by the fault, not lost by the kit); the run dir. A SIGSTOP is
+# followed by SIGCONT STOP_SECONDS later.
 FAULTS = {
     "cli SIGTERM": ("cli", signal.SIGTERM),
     "cli SIGINT": ("cli", signal.SIGINT),
@@ -231,12 +259,19 @@ FAULTS = {
     "hook SIGSTOP": ("hook", signal.SIGSTOP),
     "new master SIGKILL": ("new master", signal.SIGKILL),
     "new master SIGSTOP": ("new master", signal.SIGSTOP),
+    "new master OOM": ("new master", OOM),
     "old worker SIGKILL": ("old worker", signal.SIGKILL),
+    "old worker SIGTERM": ("old worker", signal.SIGTERM),
+    "old worker SIGSTOP": ("old worker", signal.SIGSTOP),
     "new worker SIGKILL": ("new worker", signal.SIGKILL),
+    "new worker SIGTERM": ("new worker", signal.SIGTERM),
+    "new worker SIGSTOP": ("new worker", signal.SIGSTOP),
+    "disk full": ("run dir", FILL),
 }
 # Faults whose target may be inside a request when it dies: a request in flight at that
 # moment is the fault's, not a loss of the kit's.
-KILLS_REQUESTS = {"old worker SIGKILL", "new worker SIGKILL"}
+KILLS_REQUESTS = {"old worker SIGKILL", "new worker SIGKILL", "old worker SIGTERM",
+                  "new worker SIGTERM"}
 STOP_SECONDS = 2.0  # a SIGSTOPped CLI is continued this long after
 # A signal that reached the CLI before its first line (cli.py installs its handlers there,
 # hotswap/system/early.py) met the interpreter's defaults: it dies of it having run nothing
@@ -258,20 +293,29 @@ class Landed:
 def land(fault: str, delay: float, cli: Cli, instance: Instance, old_master: int,
          budget: float = 60.0) -> Landed:
     """Wait `delay` seconds into the reload (measured from the target's appearance for a
-    hook or new master), then send the fault's signal to its target."""
-    target, sig = FAULTS[fault]
+    hook or new master), then land the fault on its target."""
+    target, action = FAULTS[fault]
     landed = Landed(fault)
-    if target == "cli":
+    if target in ("cli", "run dir"):
         pid = cli.process.pid if _sleep_while_running(cli, delay) else None
     elif target == "old worker":
         workers = procs.children(old_master) if _sleep_while_running(cli, delay) else []
         pid = workers[0] if workers else None
+    elif target == "new worker":
+        # a worker of the generation that took over: its moment counts from the commit,
+        # whether or not the reload has exited by then (it often has: the moment is 0-1 s)
+        pid = procs.wait_until(lambda: _new_worker(instance, old_master, cli), budget,
+                               interval=0.002)
+        if pid and pid > 0:
+            time.sleep(delay)  # the fault's random moment, not a wait for a condition
+        else:
+            pid = None
     else:
         pid = procs.wait_until(lambda: _target_pid(target, instance, old_master, cli),
                                budget, interval=0.002)
         if not pid or pid < 0 or not _sleep_while_running(cli, delay):
             pid = None
-    if not pid or cli.process.poll() is not None:
+    if not pid or (target != "new worker" and cli.process.poll() is not None):
         landed.note = f"no {target} to hit (the reload was done or it never appeared)"
         return landed
     if target == "new master" and _committed(instance, pid):
@@ -282,8 +326,15 @@ def land(fault: str, delay: float, cli: Cli, instance: Instance, old_master: int
     if target == "cli" and not catches(pid, signal.SIGTERM):
         landed.phase = STARTUP  # no handler of the kit's yet: the interpreter's defaults
     landed.pid, landed.at = pid, time.time()
-    procs.signal_quietly(pid, sig)
-    if sig == signal.SIGSTOP:
+    if action == FILL:
+        landed.pid = None  # no process was hit
+        landed.note = f"filled the run dir ({instance.fill()} bytes)"
+    elif action == OOM:
+        landed.note = instance.trap(pid) or f"master {pid} in a cgroup limited to " \
+            f"{chaos_squeeze.OOM_LIMIT >> 20} MiB"
+    else:
+        procs.signal_quietly(pid, action)
+    if action == signal.SIGSTOP:
         time.sleep(STOP_SECONDS)  # the fault is the stop's length: a pause, not a poll
         procs.signal_quietly(pid, signal.SIGCONT)
     return landed
@@ -310,6 +361,16 @@ def _sleep_while_running(cli: Cli, delay: float) -> bool:
     return not procs.wait_until(lambda: cli.process.poll() is not None, delay, interval=0.005)
 
 
+def _new_worker(instance: Instance, old_master: int, cli: Cli) -> int | None:
+    """A worker of the new generation once it committed (-1: the reload ended without)."""
+    record = instance.handover()
+    if record.get("master_pid") not in (None, old_master) and record.get("state") in (
+            "committed", "retire-sent", "done"):
+        workers = procs.children(record["master_pid"])
+        return workers[0] if workers else None
+    return -1 if cli.process.poll() is not None else None
+
+
 def _target_pid(target: str, instance: Instance, old_master: int, cli: Cli) -> int | None:
     if cli.process.poll() is not None:
         return -1  # stop waiting: nothing to hit
@@ -317,12 +378,6 @@ def _target_pid(target: str, instance: Instance, old_master: int, cli: Cli) -> i
         reforked = procs.session_leaders_below(old_master)
         return reforked[0] if reforked else None
     record = instance.handover()  # the hook: the performer of the new master's hand-over
-    if target == "new worker":  # one of the new generation's, once it serves
-        if record.get("master_pid") not in (None, old_master) and record.get("state") in (
-                "committed", "retire-sent", "done"):
-            workers = procs.children(record["master_pid"])
-            return workers[0] if workers else None
-        return None
     if record.get("master_pid") not in (None, old_master) and record.get("performer_pid") \
             and record.get("state") not in ("committed", "retire-sent", "done", "aborted"):
         return record["performer_pid"]

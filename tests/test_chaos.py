@@ -226,3 +226,83 @@ def test_a_lock_whose_holder_is_gone_is_taken_over_once_the_kernel_frees_it(tmp_
         assert refused.value.code == ExitCode.BUSY
     finally:
         handle.close()
+
+
+# -- the fault classes that are no signal, each landed at one moment -----------------------------
+@pytest.mark.slow
+def test_a_new_master_oom_killed_while_it_loads_is_rolled_back(running: Service):
+    """`new master OOM`, landed while the import hangs at its gate: the new master is moved
+    into a memory cgroup limited to 2 MiB (bench/chaos_squeeze.py), then let go. The kernel
+    kills it as it allocates; the reload rolls back and says why; the old master serves."""
+    from bench.chaos_squeeze import OomTrap
+
+    master = running.health()["master_pid"]
+    running.release_hanging_import()
+    trap = OomTrap(f"hotswap-test-{os.getpid()}")
+    try:
+        reload = running.cli_background("reload", "--timeout", "60")
+        loading = running.loading_pid()
+        assert trap.trap(loading) == ""
+        running.let_import_finish()
+        out, err = reload.communicate(timeout=120)
+    finally:
+        trap.release()
+        running.restore_code()
+    assert reload.returncode == 1, out + err
+    assert "OOM killer" in err, out + err
+    assert f"new master {loading}" in err, out + err
+    assert running.health()["master_pid"] == master
+    follow = running.cli("reload", "--timeout", "60")
+    assert follow.returncode == 0, follow.stdout + follow.stderr
+    running.seen_masters.add(running.health()["master_pid"])
+
+
+def test_a_v1_oom_kill_in_a_child_cgroup_counts_for_its_parent(tmp_path):
+    """Found by `new master OOM`: on a 6.x kernel, cgroup v1's memory.oom_control counts
+    only its own cgroup's kills, so a new master OOM-killed in a child cgroup was reported
+    as a plain exit. The count is now the subtree's (on a made-up cgroup tree)."""
+    from hotswap.system import memory
+
+    child = tmp_path / "service" / "loading"
+    child.mkdir(parents=True)
+    (tmp_path / "service" / "memory.oom_control").write_text("oom_kill_disable 0\noom_kill 1\n")
+    (child / "memory.oom_control").write_text("oom_kill_disable 0\noom_kill 2\n")
+    assert memory.Cgroup(tmp_path / "service", 1, tmp_path).oom_kills() == 3
+
+
+@pytest.mark.slow
+def test_a_run_dir_that_fills_up_mid_swap_fails_cleanly_or_swaps(tmp_path):
+    """`disk full`, landed while the import hangs: the run dir (a small tmpfs of its own) is
+    filled to the last byte, then the import goes on. The reload either swaps (exit 0, the
+    new release serves) or fails cleanly (non-zero, a message, the old master serves); once
+    the space is freed, the next reload exits 0."""
+    from bench.chaos_squeeze import RunDirDisk
+
+    service = Service(tmp_path)
+    disk = RunDirDisk(service.run_dir)
+    try:
+        service.start()
+        master = service.health()["master_pid"]
+        service.seen_masters.add(master)
+        service.release_hanging_import()
+        reload = service.cli_background("reload", "--timeout", "60")
+        service.loading_pid()
+        assert disk.fill() > 0
+        service.let_import_finish()
+        out, err = reload.communicate(timeout=120)
+        service.restore_code()
+        serving = service.health()["master_pid"]
+        service.seen_masters.add(serving)
+        if reload.returncode == 0:
+            assert serving != master, out + err
+        else:
+            assert serving == master, out + err
+            assert err.startswith("hotswap: reload FAILED"), out + err
+            assert "Traceback" not in err, err
+        disk.free()
+        follow = service.cli("reload", "--timeout", "60")
+        assert follow.returncode == 0, follow.stdout + follow.stderr
+        service.seen_masters.add(service.health()["master_pid"])
+    finally:
+        service.teardown()
+        disk.unmount()

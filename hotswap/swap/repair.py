@@ -71,8 +71,14 @@ def abort_generation(host: Host, new_master: int | None, old_master: int | None,
         done.actions.append(f"killed master {', '.join(map(str, sorted(doomed)))}")
     if old_master:
         if move_to_live(host, old_master):
-            host.write_pidfile(old_master)  # the hook may have named the new master there
-            host.record_serving(old_master)
+            try:
+                host.write_pidfile(old_master)  # the hook may have named the new master there
+                host.record_serving(old_master)
+            except OSError as exc:  # a full run dir: the old master serves all the same
+                done.warnings.append(
+                    f"old master {old_master} serves again, but the run dir's records could "
+                    f"not be written ({exc.strerror or exc}): free space, then `hotswap "
+                    "recover`")
         else:
             done.warnings.append(f"old master {old_master} did not take the live FIFO back; "
                                  "run `hotswap recover`")

@@ -234,9 +234,16 @@ class Cgroup:
         return None, measured[0][1] if measured else None
 
     def oom_kills(self) -> int | None:
-        """How many processes the OOM killer killed in this cgroup (and below) so far."""
-        name = "memory.oom_control" if self.version == 1 else "memory.events"
-        return _keyed(self.path / name).get("oom_kill")
+        """How many processes the OOM killer killed in this cgroup (and below) so far. v2's
+        memory.events counts the subtree; v1's memory.oom_control counts only its own
+        cgroup on recent kernels (6.x), so a kill in a child cgroup (a new master moved into
+        one) would go unseen: v1 sums the subtree."""
+        if self.version == 2:
+            return _keyed(self.path / "memory.events").get("oom_kill")
+        counts = [_keyed(Path(folder) / "memory.oom_control").get("oom_kill")
+                  for folder, _, _ in os.walk(self.path)]
+        known = [count for count in counts if count is not None]
+        return sum(known) if known else None
 
 
 def cgroup_of(pid: int) -> Cgroup | None:
