@@ -88,6 +88,7 @@ class Generations:
         return own
 
     def files(self) -> list[str]:
+        """Every worker's file, but those of a folder being removed."""
         return sorted(str(path) for path in self.root.glob("*/*.db")
                       if not path.parent.name.endswith(".removing"))
 
@@ -197,13 +198,17 @@ class AppMetrics:
             return
         folder = os.environ["PROMETHEUS_MULTIPROC_DIR"]
         for kind in KINDS:
-            fd = os.open(os.path.join(folder, f"{kind}_{pid}.db"), os.O_RDWR | os.O_CREAT,
-                         0o644)
-            try:
-                if os.fstat(fd).st_size < PREALLOCATE_BYTES:
+            path = os.path.join(folder, f"{kind}_{pid}.db")
+            if os.path.exists(path):
+                continue  # a reused pid's file: prometheus_client counts on from it
+            # allocated beside, then renamed in: a scrape never reads a file still empty
+            with files.beside(path) as tmp:
+                fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+                try:
                     os.posix_fallocate(fd, 0, PREALLOCATE_BYTES)
-            finally:
-                os.close(fd)
+                finally:
+                    os.close(fd)
+                os.rename(tmp, path)
         self.prepared_pid = pid
 
     # -- a scrape -----------------------------------------------------------------------
