@@ -244,3 +244,12 @@ def test_a_worker_killed_mid_run_loses_no_count(service: Service):
     assert procs.wait_until(lambda: scraper.scrape() is not None
                             and answered - 1 <= scraper.total() - base <= answered,
                             SETTLE_TIMEOUT), (scraper.total() - base, answered, summary)
+
+
+def test_the_cost_bench_runs():
+    """docs/operations.md quotes `python -m bench.app_metrics_cost`: it runs (figures unchecked)."""
+    done = subprocess.run([sys.executable, "-m", "bench.app_metrics_cost", "--runs", "1",
+                           "--calls", "200"], capture_output=True, text=True, cwd=REPO,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "with hotswap-metrics" in done.stdout

@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from ..system import files, procs
+from .wsgi import log as _log  # never failing: a full log disk must not fail a request
 
 FOLDER = "app-metrics"  # under the ini's run_dir
 GONE_MARK = "gone"  # in a gone master's folder: the clock when a sweep first saw it gone
@@ -262,14 +263,6 @@ class _Closing:
                 self.result.close()
         finally:
             self.done()
-
-
-def _log(text: str) -> None:
-    try:
-        sys.stderr.write(text)
-        sys.stderr.flush()
-    except (OSError, ValueError):
-        pass
 
 
 def enable(path: str, run_dir: str | None, keep: str | None) -> AppMetrics | None:

@@ -6,7 +6,7 @@ uWSGI master, before any worker forks:
     application = hotswap.inside.wsgi.wrap(application)               # any WSGI callable
     app.wsgi_app = hotswap.inside.wsgi.wrap(app.wsgi_app, ...)        # Flask: app stays the app
 
-`wrap()` does three things:
+`wrap()` does these things:
 
 - runs the smoke requests (srv.ini's `hotswap-smoke`, plus the app's own `smoke=`) through the
   wrapped app, in this process. One that fails raises SmokeError, so the import fails: with
@@ -18,6 +18,8 @@ uWSGI master, before any worker forks:
   load_seconds, plus the app's `health()` dict; a `health()` that raises answers 503. Every
   other answer gets X-Master-Pid, and X-Generation unless the app set its own (srv.py does:
   its data version can change per request with `hotswap refresh`).
+- with srv.ini's `hotswap-metrics = PATH`, counts each request per generation and answers
+  PATH with the sum over every worker (hotswap/inside/app_metrics.py, imported only then).
 
 Smoke requests run in the master: whatever they open lazily (a database connection, a
 memory-mapped file) is opened there and would be inherited by every worker. An app closes
@@ -239,7 +241,7 @@ class Middleware:
         return [] if method == "HEAD" else [body]
 
 
-def _log(text: str) -> None:
+def log(text: str) -> None:
     """To the uWSGI log (stderr), never failing: a full log disk must not fail a release."""
     if not text:
         return
@@ -279,7 +281,7 @@ def run_smoke(app: WsgiApp, check: Smoke) -> None:
     except Exception as exc:
         raise SmokeError(f"smoke check {check} failed: {type(exc).__name__}: {exc}") from exc
     finally:
-        _log(errors.getvalue())  # into the uWSGI log, as a request's would go
+        log(errors.getvalue())  # into the uWSGI log, as a request's would go
     status = answered[-1] if answered else "no status"
     if status.split()[0] != str(check.status):
         # the app's own exception line says more than an error page
@@ -305,7 +307,7 @@ def wrap(app: WsgiApp, *, generation: str | Callable[[], str] | None = None,
     for check in checks:
         run_smoke(wrapped, check)
     if checks:
-        _log(f"hotswap: {len(checks)} smoke check(s) passed in process {os.getpid()}: "
+        log(f"hotswap: {len(checks)} smoke check(s) passed in process {os.getpid()}: "
              + ", ".join(map(str, checks)) + "\n")
     if metrics_path := ini_option(METRICS_PATH_KEY):
         wrapped.metrics = _request_metrics(metrics_path)  # after the smoke: never counted
