@@ -100,6 +100,26 @@ def test_without_the_key_or_outside_uwsgi_nothing_of_it_is_imported(options: str
     assert done.returncode == 0, done.stderr
 
 
+def test_an_app_that_imported_prometheus_client_first_still_gets_summed_counts(
+        tmp_path: Path):
+    """Without PROMETHEUS_MULTIPROC_DIR, prometheus_client counts in the process's heap: the
+    kit switches it to the workers' files, and a count is in the scrape."""
+    code = ("import os, sys, time, prometheus_client\n"
+            "from prometheus_client import values\n"
+            "assert not values.ValueClass._multiprocess\n"
+            "from hotswap.inside import app_metrics\n"
+            f"metrics = app_metrics.enable('/metrics', {str(tmp_path)!r}, None)\n"
+            "assert values.ValueClass._multiprocess\n"
+            "metrics.observe('500 X', [('X-Generation', 'g1')], time.perf_counter())\n"
+            "sys.stdout.write(metrics.exposition().decode())\n")
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=REPO, env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert 'status_class="5xx"} 1.0' in done.stdout, done.stdout
+    assert len(list((tmp_path / app_metrics.FOLDER).iterdir())) == 1
+
+
 # -- a real service ---------------------------------------------------------------------
 class Scraper:
     """What Prometheus keeps: the last value of every series it scraped, also once the series

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -278,20 +277,21 @@ def enable(path: str, run_dir: str | None, keep: str | None) -> AppMetrics | Non
         _log("hotswap: hotswap-metrics is set but the ini has no run_dir: request metrics "
              "off\n")
         return None
-    if "prometheus_client" in sys.modules:
-        from prometheus_client import values
-        if not values.ValueClass._multiprocess:
-            _log("hotswap: request metrics off: prometheus_client was imported before the "
-                 "kit's middleware without PROMETHEUS_MULTIPROC_DIR (wrap the app first)\n")
-            return None
     generations = Generations(Path(run_dir) / FOLDER, keep_seconds)
     try:
         own = generations.make_own(os.getpid())
     except OSError as exc:
         _log(f"hotswap: request metrics off: cannot make {generations.root}: {exc}\n")
         return None
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(own)  # read at each worker's first count
+    # before the import, which picks the multiprocess mode from it; read again at each
+    # worker's first count (a re-forked master inherits the old generation's value)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(own)
     try:
+        from prometheus_client import values
+        if not values.ValueClass._multiprocess:
+            # the app imported prometheus_client before it wrapped itself: from now on (the
+            # kit's series, the app's created in the workers) every value is a worker's file
+            values.ValueClass = values.MultiProcessValue()
         return AppMetrics(path, generations, os.getpid())
     except ImportError:
         _log(f"hotswap: hotswap-metrics = {path} is set but prometheus_client is not "
