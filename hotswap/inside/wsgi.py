@@ -308,7 +308,7 @@ def wrap(app: WsgiApp, *, generation: str | Callable[[], str] | None = None,
         run_smoke(wrapped, check)
     if checks:
         log(f"hotswap: {len(checks)} smoke check(s) passed in process {os.getpid()}: "
-             + ", ".join(map(str, checks)) + "\n")
+            + ", ".join(map(str, checks)) + "\n")
     if metrics_path := ini_option(METRICS_PATH_KEY):
         wrapped.metrics = _request_metrics(metrics_path)  # after the smoke: never counted
     wrapped.load_seconds = round(time.monotonic() - began, 3)
@@ -325,5 +325,9 @@ def _request_metrics(path: str):
         import uwsgi  # type: ignore[import-not-found]  # noqa: F401
     except ImportError:
         return None
-    from . import app_metrics
-    return app_metrics.enable(path, ini_option("run_dir"), ini_option(METRICS_KEEP_KEY))
+    try:
+        from . import app_metrics
+        return app_metrics.enable(path, ini_option("run_dir"), ini_option(METRICS_KEEP_KEY))
+    except Exception as exc:  # metrics are never a reason to fail a release
+        log(f"hotswap: request metrics off: {type(exc).__name__}: {exc}\n")
+        return None
