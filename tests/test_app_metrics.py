@@ -111,12 +111,17 @@ def test_an_app_that_imported_prometheus_client_first_still_gets_summed_counts(
             f"metrics = app_metrics.enable('/metrics', {str(tmp_path)!r}, None)\n"
             "assert values.ValueClass._multiprocess\n"
             "metrics.observe('500 X', [('X-Generation', 'g1')], time.perf_counter())\n"
+            # a wsgi.file_wrapper file goes back as is (uWSGI sendfile()s only that), counted
+            "f = open(__import__('os').devnull, 'rb')\n"
+            "def app(e, s): s('200 OK', [('X-Generation', 'g1')]); return f\n"
+            "assert metrics.counted(app, {}, lambda *a: None) is f\n"
             "sys.stdout.write(metrics.exposition().decode())\n")
     env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           cwd=REPO, env=env, timeout=60)
     assert done.returncode == 0, done.stderr
     assert 'status_class="5xx"} 1.0' in done.stdout, done.stdout
+    assert 'status_class="2xx"} 1.0' in done.stdout, done.stdout
     assert len(list((tmp_path / app_metrics.FOLDER).iterdir())) == 1
 
 

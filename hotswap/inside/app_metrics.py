@@ -174,6 +174,11 @@ class AppMetrics:
         except BaseException:
             self.observe(seen[0] if seen else "500", seen[1] if seen else [], began)
             raise
+        if hasattr(result, "fileno"):
+            # wsgi.file_wrapper's file, which uWSGI sends with sendfile() only if it is
+            # returned as is: counted now, its latency up to the start of the answer
+            self.observe(seen[0] if seen else "500", seen[1] if seen else [], began)
+            return result
         return _Closing(result, lambda: self.observe(
             seen[0] if seen else "500", seen[1] if seen else [], began))
 
