@@ -124,7 +124,8 @@ trap 'rm -rf "$stage"' EXIT
 cp -r "$REPO/pyproject.toml" "$REPO/hotswap" "$stage/"
 [ -e "$REPO/README.md" ] && cp "$REPO/README.md" "$stage/"
 find "$stage" -name __pycache__ -prune -exec rm -rf {} +
-"$VPY" -m pip install --quiet --disable-pip-version-check "$stage"
+# the metrics extra (prometheus_client): what `hotswap-metrics = PATH` in the ini needs
+"$VPY" -m pip install --quiet --disable-pip-version-check "$stage[metrics]"
 chmod -R go+rX,go-w "$PREFIX/venv"
 
 # -- 4. check it works for the service user, as the unit will run it --------------------------

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, TEST_TERMS, Service
 
+from hotswap.swap import probe
 from hotswap.system import procs
 from scripts.gen_resource import write_resource
 
@@ -97,7 +98,8 @@ def scraped(service: Service, tmp: Path):
     config = (SHIPPED / "prometheus.yml").read_text()
     config = config.replace("scrape_interval: 15s", "scrape_interval: 1s").replace(
         "evaluation_interval: 15s", "evaluation_interval: 1s").replace(
-        '"localhost:9100"', f'"127.0.0.1:{exporter_port}"')
+        '"localhost:9100"', f'"127.0.0.1:{exporter_port}"').replace(
+        '"localhost:80"', f'"127.0.0.1:{service.app_port}"')  # the app's request metrics
     (tmp / "prometheus.yml").write_text(config)
     shutil.copy(SHIPPED / "hotswap-rules.yml", tmp / "hotswap-rules.yml")
     exporter = [NODE_EXPORTER, f"--web.listen-address=127.0.0.1:{exporter_port}",
@@ -121,6 +123,10 @@ def test_prometheus_sees_each_swap_and_the_serving_generation(tmp_path: Path):
     tmp.mkdir()
     (tmp_path / "service").mkdir()
     service = Service(tmp_path / "service", mode="store")
+    # the request metrics on a TCP socket besides the unix one: Prometheus scrapes TCP only
+    service.app_port = free_port()
+    with open(service.ini, "a") as ini:
+        ini.write(f"http-socket = 127.0.0.1:{service.app_port}\nhotswap-metrics = /metrics\n")
     try:
         through_swaps(service, tmp)
     finally:
@@ -135,6 +141,9 @@ def through_swaps(service: Service, tmp: Path) -> None:
     with scraped(service, tmp) as prometheus:
         prometheus.wait_value("hotswap_last_reload_successful", 1)
         assert prometheus.generations() == [second["generation"]]
+        app_requests = 'sum(hotswap_app_requests_total{job="hotswap-app",status_class="4xx"})'
+        unknown_terms(service, 5)
+        prometheus.wait_value(app_requests, 5)
         service.release(version="v3")
         service.release_code("raise ImportError('release 43 is broken')\n")
         assert service.cli("reload").returncode == 1
@@ -151,6 +160,11 @@ def through_swaps(service: Service, tmp: Path) -> None:
         assert procs.wait_until(lambda: prometheus.generations() == [third["generation"]],
                                 SCRAPED_TIMEOUT), prometheus.generations()
         prometheus.wait_value('hotswap_reloads_total{result="ok"}', 2)
+        # the request metrics, summed over the generations: the retired one's 5 are kept
+        unknown_terms(service, 3)
+        prometheus.wait_value(app_requests, 8)
+        assert prometheus.value(f'sum(hotswap_app_requests_total{{generation='
+                                f'"{third["generation"]}"}})') == 3
         assert prometheus.value("hotswap_memory_swap_headroom_bytes") is not None
         # a refresh: the same master, a new store, so a new generation's info series
         write_resource(str(service.root / "data" / "terms.tsv"), TEST_TERMS, seed=7,
@@ -171,6 +185,12 @@ def through_swaps(service: Service, tmp: Path) -> None:
     lint = subprocess.run([PROMTOOL, "check", "metrics"], capture_output=True, text=True,
                           input=(service.run_dir / "hotswap.prom").read_text())
     assert lint.returncode == 0, lint.stdout + lint.stderr
+
+
+def unknown_terms(service: Service, count: int) -> None:
+    """`count` lookups the app answers 404: requests the metrics count by status class."""
+    for _ in range(count):
+        assert probe.get(service.socket, "/lookup?q=no-such-term").status == 404
 
 
 def test_promtool_tests_the_shipped_rules():

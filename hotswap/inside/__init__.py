@@ -4,6 +4,7 @@
 - entry       `module = hotswap.inside.entry:application`: imports the app `hotswap-app`
               names and wraps it (a project set up by `hotswap init`)
 - live_store  the store's app side: the open store, switched in place by `hotswap refresh`
+- app_metrics the per-generation request metrics (`hotswap-metrics`), imported only then
 - handover    the accepting hook (`python -m hotswap.inside.handover`): tells the old master
               to pause, commits, retires it
 

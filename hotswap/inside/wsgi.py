@@ -6,7 +6,7 @@ uWSGI master, before any worker forks:
     application = hotswap.inside.wsgi.wrap(application)               # any WSGI callable
     app.wsgi_app = hotswap.inside.wsgi.wrap(app.wsgi_app, ...)        # Flask: app stays the app
 
-`wrap()` does three things:
+`wrap()` does these things:
 
 - runs the smoke requests (srv.ini's `hotswap-smoke`, plus the app's own `smoke=`) through the
   wrapped app, in this process. One that fails raises SmokeError, so the import fails: with
@@ -18,6 +18,8 @@ uWSGI master, before any worker forks:
   load_seconds, plus the app's `health()` dict; a `health()` that raises answers 503. Every
   other answer gets X-Master-Pid, and X-Generation unless the app set its own (srv.py does:
   its data version can change per request with `hotswap refresh`).
+- with srv.ini's `hotswap-metrics = PATH`, counts each request per generation and answers
+  PATH with the sum over every worker (hotswap/inside/app_metrics.py, imported only then).
 
 Smoke requests run in the master: whatever they open lazily (a database connection, a
 memory-mapped file) is opened there and would be inherited by every worker. An app closes
@@ -39,13 +41,17 @@ from pathlib import Path
 from urllib.parse import unquote
 
 from .. import __version__
-from ..system import uwsgilog
+from ..system import procs, uwsgilog
 
 # srv.ini keys the kit reads (uWSGI keeps unknown keys as placeholders; `uwsgi.opt` and
 # `uwsgi --get` both see them). config.py reads the same keys for the CLI.
 HEALTH_PATH_KEY = "hotswap-health"
 SMOKE_KEY = "hotswap-smoke"
 APP_KEY = "hotswap-app"  # what hotswap/inside/entry.py serves (an ini `hotswap init` wrote)
+# opt-in: the path the per-generation request metrics are served at (inside/app_metrics.py),
+# and how long a gone generation's counts stay in the scrape (seconds, default 300)
+METRICS_PATH_KEY = "hotswap-metrics"
+METRICS_KEEP_KEY = "hotswap-metrics-keep"
 DEFAULT_HEALTH_PATH = "/healthz"
 # uWSGI keeps only the last value of a repeated custom key: several checks share one line.
 SMOKE_SEPARATOR = "|"
@@ -137,10 +143,7 @@ def master_pid() -> int:
 
 def process_age() -> float:
     """Seconds since this process began: for a master re-forked by "f", since the fork."""
-    with open("/proc/self/stat") as handle:
-        raw = handle.read()
-    start_ticks = int(raw[raw.rindex(")") + 2:].split()[19])
-    started = start_ticks / os.sysconf("SC_CLK_TCK")
+    started = (procs.start_ticks(os.getpid()) or 0) / os.sysconf("SC_CLK_TCK")
     return max(0.0, time.clock_gettime(time.CLOCK_BOOTTIME) - started)
 
 
@@ -181,10 +184,19 @@ class Middleware:
         self.health_path = health_path
         self.loaded_at = ""
         self.load_seconds = 0.0
+        self.metrics = None  # an app_metrics.AppMetrics once wrap() read hotswap-metrics
 
     def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
-        if environ.get("PATH_INFO") == self.health_path:
+        path = environ.get("PATH_INFO")
+        if path == self.health_path:
             return self._answer_health(environ, start_response)
+        if self.metrics is None:
+            return self._stamped(environ, start_response)
+        if path == self.metrics.path:
+            return self.metrics.answer(environ, start_response)
+        return self.metrics.counted(self._stamped, environ, start_response)
+
+    def _stamped(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
         stamp = [("X-Master-Pid", str(master_pid()))]
 
         def stamped(status: str, headers: list, exc_info=None):
@@ -229,7 +241,7 @@ class Middleware:
         return [] if method == "HEAD" else [body]
 
 
-def _log(text: str) -> None:
+def log(text: str) -> None:
     """To the uWSGI log (stderr), never failing: a full log disk must not fail a release."""
     if not text:
         return
@@ -269,7 +281,7 @@ def run_smoke(app: WsgiApp, check: Smoke) -> None:
     except Exception as exc:
         raise SmokeError(f"smoke check {check} failed: {type(exc).__name__}: {exc}") from exc
     finally:
-        _log(errors.getvalue())  # into the uWSGI log, as a request's would go
+        log(errors.getvalue())  # into the uWSGI log, as a request's would go
     status = answered[-1] if answered else "no status"
     if status.split()[0] != str(check.status):
         # the app's own exception line says more than an error page
@@ -295,10 +307,27 @@ def wrap(app: WsgiApp, *, generation: str | Callable[[], str] | None = None,
     for check in checks:
         run_smoke(wrapped, check)
     if checks:
-        _log(f"hotswap: {len(checks)} smoke check(s) passed in process {os.getpid()}: "
-             + ", ".join(map(str, checks)) + "\n")
+        log(f"hotswap: {len(checks)} smoke check(s) passed in process {os.getpid()}: "
+            + ", ".join(map(str, checks)) + "\n")
+    if metrics_path := ini_option(METRICS_PATH_KEY):
+        wrapped.metrics = _request_metrics(metrics_path)  # after the smoke: never counted
     wrapped.load_seconds = round(time.monotonic() - began, 3)
     wrapped.loaded_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     # the accepting hook (a child of a worker) reports it to systemd and in its record
     os.environ["HOTSWAP_GENERATION"] = wrapped.generation()
     return wrapped
+
+
+def _request_metrics(path: str):
+    """app_metrics.enable() in a uWSGI master; imported only now, so without the key no
+    process loads it (or prometheus_client). Outside uWSGI (refresh's app check) nothing."""
+    try:
+        import uwsgi  # type: ignore[import-not-found]  # noqa: F401
+    except ImportError:
+        return None
+    try:
+        from . import app_metrics
+        return app_metrics.enable(path, ini_option("run_dir"), ini_option(METRICS_KEEP_KEY))
+    except Exception as exc:  # metrics are never a reason to fail a release
+        log(f"hotswap: request metrics off: {type(exc).__name__}: {exc}\n")
+        return None

@@ -94,6 +94,8 @@ hook-accepting = @HOOK@
 ; smoke requests, run through the app at import before workers fork: one that fails fails
 ; the release ("GET /path -> 200", several separated by "|"). Name a real one of yours.
 hotswap-smoke = GET @HEALTH@ -> 200
+; per-generation request metrics at this path, summed over the workers (the `metrics` extra)
+; hotswap-metrics = /metrics
 processes = 4
 ; threads: keep 1 (`hotswap check` says why more are refused)
 ; the largest request header block a client may send, bytes

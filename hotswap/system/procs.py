@@ -60,6 +60,18 @@ def stat(pid: int) -> ProcStat | None:
     return ProcStat(pid, fields[0], int(fields[1]), int(fields[2]), int(fields[3]))
 
 
+def start_ticks(pid: int) -> int | None:
+    """When pid began, in clock ticks since boot (/proc/PID/stat's starttime), or None if
+    there is no such process: with the pid, it names one process even after the pid is
+    reused."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            raw = handle.read()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    return int(raw[raw.rindex(")") + 2:].split()[19])
+
+
 def alive(pid: int | None) -> bool:
     """True if pid names a process that has not exited (zombies count as exited)."""
     if not pid or pid <= 0:
