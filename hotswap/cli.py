@@ -646,3 +646,16 @@ def watch_source(url: str, key: Path, allow: tuple[Path, ...], runner: watcher.C
                                  log, verbose=verbose, link=layout.current)
     tick = min(0.5, max(0.05, quiet / 4))
     loop.run(sources.deliveries(feed, stop, tick, log), stop, name=feed.name)
+
+
+@main.command(name="announce")
+@click.argument("action", type=click.Choice(sorted(message.ACTIONS)))
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--id", "ident", required=True, help="The announcement's id (each host acts on "
+              "an id at most once).")
+@click.option("--key", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              envvar="HOTSWAP_WATCH_KEY", help="The shared secret file (mode 600).")
+def announce_cmd(action: str, path: Path, ident: str, key: Path) -> None:
+    """Print the signed message that announces PATH to `watch --source` (the publisher's
+    half: INSERT it, PUBLISH it or XADD it; docs/releases.md)."""
+    click.echo(message.sign(action, str(path.absolute()), ident, message.load_secret(key)))

@@ -143,3 +143,22 @@ def test_the_key_file_must_be_private_and_long(tmp_path: Path) -> None:
     key.write_bytes(b"short")
     with pytest.raises(HotswapError, match="under 32"):
         load_secret(key)
+
+
+def test_bad_source_options_are_one_line_and_exit_2(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from hotswap.cli import main
+    from hotswap.releases.sources import open_source
+
+    runner = CliRunner()
+    done = runner.invoke(main, ["watch", "--source", "redis://127.0.0.1:1/r"])
+    assert done.exit_code == ExitCode.CONFIG
+    assert "needs --key FILE" in done.output and "Traceback" not in done.output
+    done = runner.invoke(main, ["announce", "deploy", "/srv/x", "--id", "x",
+                                "--key", str(tmp_path / "none")])
+    assert done.exit_code == ExitCode.CONFIG and "cannot read the key file" in done.output
+    with pytest.raises(HotswapError, match="unknown scheme 'amqp'"):
+        open_source("amqp://127.0.0.1/q")
+    with pytest.raises(HotswapError, match="name the channel"):
+        open_source("redis://127.0.0.1:6379")

@@ -31,6 +31,17 @@ if PG_BIN is None or not shutil.which("redis-server"):
 pytestmark = pytest.mark.slow
 KEY = b"test-shared-secret-of-32-bytes-or-more"
 QUIET = "0.2"
+REPO = Path(__file__).resolve().parents[1]
+# The publisher's commands as docs/releases.md shows them (test_the_doc_shows_these_commands),
+# run here with bash: $REL, $ID, $KEY, $DB and $REDIS set by publish().
+SIGN = 'msg=$(hotswap announce deploy "$REL" --id "$ID" --key "$KEY")'
+PUBLISH = {
+    "postgres": 'psql "$DB" -v msg="$msg" <<< "INSERT INTO hotswap_releases (body) '
+                "VALUES (:'msg')\"",
+    "redis": 'redis-cli -u "$REDIS" SET releases:latest "$msg" && '
+             'redis-cli -u "$REDIS" PUBLISH releases "$msg"',
+    "stream": "redis-cli -u \"$REDIS\" XADD rel MAXLEN '~' 1000 '*' msg \"$msg\"",
+}
 
 
 def free_port() -> int:
@@ -173,6 +184,26 @@ def count(lines: Lines, text: str) -> int:
     return sum(1 for line in lines.lines if text in line)
 
 
+def publish(kind: str, service: LayoutService, name: str, servers) -> None:
+    """Announce SRC/NAME the way docs/releases.md does, with hotswap announce and the
+    servers' own command-line clients."""
+    pg, rd = servers
+    folder = service.src / name
+    service.source(name)
+    env = dict(os.environ, REL=str(folder), ID=name, KEY=str(service.root / "watch.key"),
+               DB=pg.url, REDIS=f"redis://127.0.0.1:{rd.port}",
+               PATH=f"{Path(service.python).parent}:{PG_BIN}:{os.environ['PATH']}")
+    done = subprocess.run(["bash", "-c", f"set -eo pipefail; {SIGN}; {PUBLISH[kind]}"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_the_doc_shows_these_commands() -> None:
+    page = (REPO / "docs" / "releases.md").read_text()
+    for command in (SIGN, *PUBLISH.values()):
+        assert f"$ {command}" in page, command
+
+
 def signed(service: LayoutService, name: str) -> str:
     """A release folder SRC/NAME (made once) announced with the id NAME."""
     folder = service.src / name
@@ -187,7 +218,7 @@ def test_a_row_inserted_swaps_under_load_and_bad_rows_are_refused(live):
     try:
         with LoadGenerator(str(service.socket), 32, lookup_paths(service),
                            max_seconds=120) as load:
-            pg.insert(signed(service, "pg1"))
+            publish("postgres", service, "pg1", live[1])
             lines.wait_for(f"deploy {service.src / 'pg1'}: ok", timeout=120)
         summary = summarize(load.records)
         assert summary["failed"] == 0, summary
@@ -241,7 +272,7 @@ def test_redis_pubsub_catches_up_from_latest_after_a_restart(live):
     url = f"redis://127.0.0.1:{rd.port}/releases"
     lines = watch(service, url)
     try:
-        rd.announce("releases", signed(service, "rd1"))
+        publish("redis", service, "rd1", live[1])
         lines.wait_for(f"deploy {service.src / 'rd1'}: ok", timeout=120)
         rd.stop()
         lines.wait_for("connection lost or refused")
@@ -261,7 +292,7 @@ def test_redis_pubsub_catches_up_from_latest_after_a_restart(live):
 def test_a_stream_keeps_what_was_added_while_down_and_drops_a_poison_entry(live):
     service, (_, rd) = live
     client = rd.client()
-    client.xadd("rel", {"msg": signed(service, "st1")})  # before any watcher or group
+    publish("stream", service, "st1", live[1])  # before any watcher or group
     url = f"redis-stream://127.0.0.1:{rd.port}/rel?group=host-a"
     lines = watch(service, url)
     try:

@@ -19,9 +19,10 @@ import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from ..errors import ExitCode
 from .message import Announcement, Ledger, Refused, Verifier, admit
 from .sources import Delivery
-from .watch import Action, Outcome, Planner, Runner, Watcher, classify
+from .watch import Action, Outcome, Planner, Runner, Verdict, Watcher, classify
 
 # The Planner's DROP when only messages feed it: no path lies under it, so every entry is an
 # announcement (watch.Watcher.requeue tells the two apart by it).
@@ -43,7 +44,7 @@ class AnnouncedRunner:
         for announcement, delivery in taken:
             self.ledger.take(announcement, delivery.where)
         outcome = self.inner.run(action)
-        if outcome.exit_code != 4:  # busy: requeued, run (and acknowledged) later
+        if outcome.exit_code != ExitCode.BUSY:  # requeued by the Watcher: acknowledged later
             for announcement, delivery in taken:
                 self.waiting.pop(announcement.path, None)
                 delivery.ack()
@@ -55,7 +56,7 @@ class AnnouncedRunner:
     def current(self) -> str | None:
         return self.inner.current()
 
-    def reconcile(self):
+    def reconcile(self) -> tuple[Verdict, str]:
         return self.inner.reconcile()
 
     def writer(self, path: Path) -> int | None:
