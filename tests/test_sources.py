@@ -19,6 +19,7 @@ from releases_util import LayoutService, lookup_paths
 from bench.loadgen import LoadGenerator, summarize
 from hotswap.releases.message import sign
 from hotswap.releases.sources import SCHEMA, TABLE
+from hotswap.swap import lock
 from hotswap.system import procs
 
 psycopg = pytest.importorskip("psycopg")
@@ -325,3 +326,38 @@ def test_three_instances_on_one_channel_end_on_the_announced_release(live, tmp_p
             stop(lines)
         for other in others:
             other.teardown()
+
+
+def test_a_stream_entry_pending_when_its_watcher_died_is_reread_and_not_swapped_twice(live):
+    """SIGKILL to the watcher mid-deploy: the entry stays pending (never acknowledged); the
+    deploy finishes in its own session; the next watcher re-reads the entry, finds its id in
+    the ledger, acknowledges it and swaps nothing."""
+    service, (_, rd) = live
+    client = rd.client()
+    url = f"redis-stream://127.0.0.1:{rd.port}/rel?group=host-a"
+    lines = watch(service, url)
+    deployer = None
+    try:
+        folder = service.gated_source("gated")
+        client.xadd("rel", {"msg": sign("deploy", str(folder), "gated", KEY)})
+        lines.wait_for(f"deploy {folder}: running")
+        service.loading_pid()
+        deployer = lock.Holder.parse((service.run_dir / "reload.lock").read_text()).pid
+        os.kill(lines.process.pid, signal.SIGKILL)
+        lines.process.wait(timeout=30)
+        assert client.xpending("rel", "host-a")["pending"] == 1
+        service.let_import_finish()
+        assert procs.wait_until(lambda: not procs.alive(deployer), 120), "the deploy died"
+        assert service.serving_name() == "gated"
+        again = watch(service, url, "--verbose")
+        try:
+            again.wait_for("id 'gated' was already taken")
+            assert procs.wait_until(lambda: client.xpending("rel", "host-a")["pending"] == 0, 30)
+            assert count(again, ": running") == 0, again.lines
+        finally:
+            stop(again)
+    finally:
+        if deployer and procs.alive(deployer):
+            procs.signal_quietly(deployer, signal.SIGKILL)
+        if lines.process.poll() is None:
+            stop(lines)
