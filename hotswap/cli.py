@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -21,6 +22,7 @@ import click
 from . import __version__, config
 from .config import here
 from .errors import MEANING, ExitCode, HotswapError
+from .releases import announced, message, sources
 from .releases import refresh as data_refresh
 from .releases import release as rel
 from .releases import watch as watcher
@@ -581,16 +583,32 @@ def releases_cmd(ctx: Context, as_json: bool) -> None:
               help="Reload when `current` is flipped by someone else to a release that does "
               "not serve.")
 @click.option("-v", "--verbose", is_flag=True, help="Also log each change seen in DROP.")
+@click.option("--source", metavar="URL", envvar="HOTSWAP_WATCH_SOURCE",
+              help="Act on signed announcements instead of DROP: postgres://USER@HOST:PORT/DB, "
+              "redis://HOST:PORT/CHANNEL or redis-stream://HOST:PORT/STREAM[?group=G].")
+@click.option("--key", type=click.Path(dir_okay=False, path_type=Path),
+              envvar="HOTSWAP_WATCH_KEY", help="With --source: the shared secret file that "
+              "signs announcements (mode 600).")
+@click.option("--allow", multiple=True, type=click.Path(file_okay=False, path_type=Path),
+              help="With --source: a location announced releases may lie under (repeatable).")
 @with_memory_options
 @pass_context
 def watch_cmd(ctx: Context, drop: Path | None, quiet: float, keep: int, follow_current: bool,
-              verbose: bool, force: bool, memory_margin: float) -> None:
-    """Deploy or refresh what lands in DROP (default ROOT/drop), one action at a time; reload
-    when `current` is flipped to a release that does not serve."""
+              verbose: bool, source: str | None, key: Path | None, allow: tuple[Path, ...],
+              force: bool, memory_margin: float) -> None:
+    """Deploy or refresh what lands in DROP (default ROOT/drop), or what a signed message on
+    --source announces, one action at a time; reload when `current` is flipped to a release
+    that does not serve."""
     # a DROP of stores only (a mounted volume, say) needs no release layout; its default does
-    layout = rel.Layout(ctx.cfg.ini.parent) if drop else rel.layout_of(ctx.cfg)
+    if source and drop:
+        raise HotswapError("watch: give DROP or --source, not both", ExitCode.CONFIG)
+    if source and (key is None or not allow):
+        raise HotswapError("watch --source needs --key FILE (the shared secret) and at least "
+                           "one --allow DIR (where announced releases may lie)", ExitCode.CONFIG)
+    layout = rel.Layout(ctx.cfg.ini.parent) if drop or source else rel.layout_of(ctx.cfg)
     drop = (drop or layout.root / "drop").absolute()
-    drop.mkdir(parents=True, exist_ok=True)
+    if not source:
+        drop.mkdir(parents=True, exist_ok=True)
     stop = threading.Event()
     received: list[str] = []
 
@@ -606,8 +624,38 @@ def watch_cmd(ctx: Context, drop: Path | None, quiet: float, keep: int, follow_c
 
     swap_args = ["--memory-margin", repr(memory_margin), *(["--force"] if force else [])]
     runner = watcher.CliRunner(ctx.cfg, ["--keep", str(keep)], follow_current, swap_args)
+    if source:
+        watch_source(source, key, allow, runner, quiet, log, verbose, stop, layout)
+        log(f"stopped ({', '.join(received) or 'watch ended'})")
+        return
     loop = watcher.Watcher(watcher.Planner(drop, quiet), runner, log, verbose=verbose,
                            link=layout.current, scan=lambda: watcher.DataLink.unmounted(drop))
     tick_ms = int(min(500, max(50, quiet * 250)))
     loop.run(watcher.inotify_batches(drop, stop, tick_ms), stop)
     log(f"stopped ({', '.join(received) or 'watch ended'})")
+
+
+def watch_source(url: str, key: Path, allow: tuple[Path, ...], runner: watcher.CliRunner,
+                 quiet: float, log: Callable[[str], None], verbose: bool, stop: threading.Event,
+                 layout: rel.Layout) -> None:
+    """`watch --source`: the announcements' loop over the same runner as DROP's."""
+    verifier = message.Verifier(message.load_secret(key), tuple(p.absolute() for p in allow))
+    feed = sources.open_source(url)
+    ledger = message.Ledger(layout.root / "state" / "announcements.jsonl")
+    loop = announced.MessageLoop(verifier, announced.AnnouncedRunner(runner, ledger), quiet,
+                                 log, verbose=verbose, link=layout.current)
+    tick = min(0.5, max(0.05, quiet / 4))
+    loop.run(sources.deliveries(feed, stop, tick, log), stop, name=feed.name)
+
+
+@main.command(name="announce")
+@click.argument("action", type=click.Choice(sorted(message.ACTIONS)))
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--id", "ident", required=True, help="The announcement's id (each host acts on "
+              "an id at most once).")
+@click.option("--key", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              envvar="HOTSWAP_WATCH_KEY", help="The shared secret file (mode 600).")
+def announce_cmd(action: str, path: Path, ident: str, key: Path) -> None:
+    """Print the signed message that announces PATH to `watch --source` (the publisher's
+    half: INSERT it, PUBLISH it or XADD it; docs/releases.md)."""
+    click.echo(message.sign(action, str(path.absolute()), ident, message.load_secret(key)))

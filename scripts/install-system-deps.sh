@@ -5,22 +5,25 @@
 # sshd (tests/test_fleet.py runs one Ansible host over a real SSH connection to 127.0.0.1),
 # logrotate (tests/test_integrity.py rotates the log with deploy/logrotate.conf), prometheus
 # and its node exporter (tests/test_prometheus.py scrapes the swap metrics' textfile and runs
-# promtool on deploy/prometheus/'s rules), and what
+# promtool on deploy/prometheus/'s rules), postgresql and redis-server (tests/test_sources.py
+# announces releases through a trigger, pub/sub and a stream on servers it starts), and what
 # compiles uWSGI for the system python (gcc, python3-dev, python3-venv): the systemd tests
 # install the unit with a venv of /usr/bin/python3 (deploy/install-systemd.sh), and
 # `make test` runs this before it builds .venv, so a fresh root machine (CI) can build it.
 # As root it installs what is missing; otherwise it says what is missing and the tests that
 # need it skip with that reason.
 set -euo pipefail
-declare -A need=([curl]=curl [git]=git [socat]=socat [nginx]=nginx-light [wrk]=wrk [sshd]=openssh-server [logrotate]=logrotate [prometheus]=prometheus [prometheus-node-exporter]=prometheus-node-exporter)
+declare -A need=([curl]=curl [git]=git [socat]=socat [nginx]=nginx-light [wrk]=wrk [sshd]=openssh-server [logrotate]=logrotate [prometheus]=prometheus [prometheus-node-exporter]=prometheus-node-exporter [redis-server]=redis-server)
 [ -x /lib/systemd/systemd ] || need[systemd]=systemd
 need[gcc]=gcc
 sys_include=$(/usr/bin/python3 -c 'import sysconfig; print(sysconfig.get_paths()["include"])' 2>/dev/null || true)
 [ -n "$sys_include" ] && [ -e "$sys_include/Python.h" ] || need[python-headers]=python3-dev
 /usr/bin/python3 -c 'import ensurepip, venv' 2>/dev/null || need[python-venv]=python3-venv
+# Debian keeps initdb and pg_ctl off PATH, under /usr/lib/postgresql/N/bin
+compgen -G '/usr/lib/postgresql/*/bin/pg_ctl' >/dev/null || need[pkg-postgresql]=postgresql
 missing=()
 for cmd in "${!need[@]}"; do
-  case "$cmd" in systemd|python-*) missing+=("${need[$cmd]}"); continue ;; esac
+  case "$cmd" in systemd|python-*|pkg-*) missing+=("${need[$cmd]}"); continue ;; esac
   command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || missing+=("${need[$cmd]}")
 done
 if [ ${#missing[@]} -eq 0 ]; then

@@ -138,6 +138,13 @@ class Planner:
         self._order += 1
         self.pending[link] = (Kind.CURRENT, self._order)
 
+    def announce(self, path: Path, kind: Kind, now: float) -> None:
+        """A release named by a message (releases/sources.py): queued like a drop entry, so
+        the same rules apply (one at a time, the newest supersedes what waits)."""
+        self.last_event = now
+        self._order += 1
+        self.pending[path] = (kind, self._order)
+
     def due(self, now: float) -> Action | None:
         """The action to run now, if DROP has been quiet long enough; code before data, and
         a flip of `current` checked last (a deploy flips it too)."""
@@ -315,7 +322,10 @@ class Watcher:
 
     def requeue(self, action: Action) -> None:
         for path in (*action.superseded, action.path):
-            self.planner.saw(path, self.clock())
+            if path.is_relative_to(self.planner.drop):
+                self.planner.saw(path, self.clock())
+            else:  # announced by a message, not found in DROP
+                self.planner.announce(path, action.kind, self.clock())
 
     def feed(self, paths: Iterable[Path]) -> None:
         now = self.clock()
