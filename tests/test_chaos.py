@@ -249,7 +249,10 @@ def test_a_new_master_oom_killed_while_it_loads_is_rolled_back(running: Service)
         trap.release()
         running.restore_code()
     assert reload.returncode == 1, out + err
-    assert "OOM killer" in err, out + err
+    # In a cgroup of its own (a systemd unit's) the kit names the OOM killer; at the
+    # hierarchy's root, where this test's instance runs, it cannot tell a kill of its own
+    # from another tenant's (memory.Cgroup.oom_kills), and says only that the master died.
+    assert "OOM killer" in err or "exited while loading" in err, out + err
     assert f"new master {loading}" in err, out + err
     assert running.health()["master_pid"] == master
     follow = running.cli("reload", "--timeout", "60")
@@ -268,6 +271,9 @@ def test_a_v1_oom_kill_in_a_child_cgroup_counts_for_its_parent(tmp_path):
     (tmp_path / "service" / "memory.oom_control").write_text("oom_kill_disable 0\noom_kill 1\n")
     (child / "memory.oom_control").write_text("oom_kill_disable 0\noom_kill 2\n")
     assert memory.Cgroup(tmp_path / "service", 1, tmp_path).oom_kills() == 3
+    # the root's subtree is the whole machine: only its own count
+    (tmp_path / "memory.oom_control").write_text("oom_kill_disable 0\noom_kill 5\n")
+    assert memory.Cgroup(tmp_path, 1, tmp_path).oom_kills() == 5
 
 
 @pytest.mark.slow

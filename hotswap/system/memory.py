@@ -237,9 +237,14 @@ class Cgroup:
         """How many processes the OOM killer killed in this cgroup (and below) so far. v2's
         memory.events counts the subtree; v1's memory.oom_control counts only its own
         cgroup on recent kernels (6.x), so a kill in a child cgroup (a new master moved into
-        one) would go unseen: v1 sums the subtree."""
+        one) would go unseen: v1 sums the subtree. Not at the hierarchy's root, whose
+        subtree is the whole machine: another tenant's OOM kill would fail our reload (seen
+        when a test OOM-killed its own trap while another test reloaded); there, only its
+        own count."""
         if self.version == 2:
             return _keyed(self.path / "memory.events").get("oom_kill")
+        if self.path == self.mount:
+            return _keyed(self.path / "memory.oom_control").get("oom_kill")
         counts = [_keyed(Path(folder) / "memory.oom_control").get("oom_kill")
                   for folder, _, _ in os.walk(self.path)]
         known = [count for count in counts if count is not None]
