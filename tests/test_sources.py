@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import Lines
+from conftest import Lines, Service, sample_paths
 from releases_util import LayoutService, lookup_paths
 
 from bench.loadgen import LoadGenerator, summarize
@@ -148,12 +148,17 @@ def servers():
         shutil.rmtree(pg.base, ignore_errors=True)
 
 
+def write_key(service: Service) -> None:
+    """ROOT/watch.key: the shared secret, mode 600 as the watcher requires."""
+    (service.root / "watch.key").write_bytes(KEY)
+    os.chmod(service.root / "watch.key", 0o600)
+
+
 def new_service(base: Path) -> LayoutService:
     service = LayoutService(base)
     assert service.cli("deploy", str(service.source("v1"))).returncode == 0
     service.start()
-    (service.root / "watch.key").write_bytes(KEY)
-    os.chmod(service.root / "watch.key", 0o600)
+    write_key(service)
     return service
 
 
@@ -166,7 +171,7 @@ def live(tmp_path_factory, servers):
         service.teardown()
 
 
-def watch(service: LayoutService, url: str, *extra: str, allow: Path | None = None) -> Lines:
+def watch(service: Service, url: str, *extra: str, allow: Path | None = None) -> Lines:
     lines = Lines(service.cli_background(
         "watch", "--source", url, "--key", str(service.root / "watch.key"),
         "--allow", str(allow or service.src), "--quiet", QUIET, *extra))
@@ -361,3 +366,29 @@ def test_a_stream_entry_pending_when_its_watcher_died_is_reread_and_not_swapped_
             procs.signal_quietly(deployer, signal.SIGKILL)
         if lines.process.poll() is None:
             stop(lines)
+
+
+def test_a_signed_refresh_on_redis_switches_a_store_mode_instance_under_load(servers, tmp_path):
+    """The data path: a store-mode instance (no release layout), a store built beside the
+    one it serves, announced as `refresh` on pub/sub; every worker serves it, nothing fails."""
+    _, rd = servers
+    service = Service(tmp_path, mode="store")
+    try:
+        code = service.start()["generation"].split("+")[1]
+        write_key(service)
+        new = service.build_store("v2")
+        lines = watch(service, f"redis://127.0.0.1:{rd.port}/stores", allow=service.store_dir)
+        try:
+            with LoadGenerator(str(service.socket), 8, sample_paths(service),
+                               max_seconds=60) as load:
+                rd.announce("stores", sign("refresh", str(new), "store-v2", KEY))
+                lines.wait_for(f"refresh {new}: ok", timeout=60)
+        finally:
+            stop(lines)
+        assert count(lines, ": running") == 1, lines.lines
+        summary = summarize(load.records)
+        assert summary["failed"] == 0 and summary["requests"] > 0, summary
+        assert service.health()["generation"] == f"v2+{code}"
+        assert "store v2" in service.cli("status").stdout
+    finally:
+        service.teardown()
