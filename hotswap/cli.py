@@ -409,16 +409,17 @@ def probe_cmd(ctx: Context, path: str | None, timeout: float, expect_status: int
 def stop(ctx: Context, timeout: float) -> None:
     """Stop gracefully: in-flight requests finish, then the master exits; files are cleaned."""
     cfg = ctx.cfg
-    if drift.socket_activated(cfg):
+    activated = drift.socket_activated(cfg)  # read before stop clears the run dir
+    masters = inst.stop(cfg, timeout)
+    if activated:
         click.echo(f"hotswap: {cfg.socket.address} is held by systemd (socket-activated): "
                    "connections queue in its backlog until the next start, none refused",
                    err=True)
     else:
-        click.echo(f"hotswap: {cfg.socket.address} is the instance's own (no socket unit "
-                   "holds it): connections still queued in its backlog are reset and new ones "
-                   "refused until `hotswap start`; deploy/hotswap.socket avoids that",
+        click.echo(f"hotswap: {cfg.socket.address} was the instance's own (no socket unit "
+                   "held it): connections still queued in its backlog were reset, and new "
+                   "ones are refused until `hotswap start`; deploy/hotswap.socket avoids that",
                    err=True)
-    masters = inst.stop(cfg, timeout)
     click.echo(f"stopped master {', '.join(map(str, masters))}")
 
 
