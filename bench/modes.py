@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -523,7 +524,63 @@ class HotswapRefresh(HotswapStore):
                        "cli_seconds": round(end - start, 3)})
 
 
+class ActivatedRestart(Hotswap):
+    """`hotswap stop` then `hotswap start` on a socket held outside uWSGI, as systemd's
+    hotswap.socket holds it: the bench binds it once and passes it to each start with
+    LISTEN_FDS (scripts/socket-activate.py), so connections made between the stop and the
+    start wait in its backlog (docs/operations.md, socket activation)."""
+
+    name = "restart-activated"
+    title = "restart, socket-activated"
+
+    def prepare(self) -> None:
+        super().prepare()
+        with open(self.ini) as ini:
+            text = ini.read()
+        # uWSGI adopts a passed socket with the ini's protocol (default: uwsgi)
+        with open(self.ini, "w") as ini:
+            ini.write(text.replace("[uwsgi]\n", "[uwsgi]\nprotocol = http\n", 1))
+        if os.path.exists(self.socket):
+            os.unlink(self.socket)
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(self.socket)
+        self.listener.listen(1024)
+
+    def _launch_activated(self) -> subprocess.Popen:
+        fd = self.listener.fileno()
+        out = open(os.path.join(self.workdir, "log", "hotswap-start.log"), "ab")  # noqa: SIM115
+        self._logs.append(out)
+        proc = subprocess.Popen(
+            [sys.executable, os.path.join(REPO, "scripts", "socket-activate.py"), str(fd),
+             *self.cli("start", "--exec")],
+            cwd=self.workdir, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True, pass_fds=(fd,),
+            env={**os.environ, "SRV_MODE": self.srv_mode})
+        self.procs.append(proc)
+        return proc
+
+    def start(self, version: str) -> dict:
+        self.supervisor = self._launch_activated()
+        self.started_health = wait_version(self.socket, version, self.start_timeout)
+        return self.started_health
+
+    def reload(self, index: int, version: str) -> Window:
+        start = time.time()
+        ok, detail, doc = True, "", {}
+        try:
+            Hotswap.stop(self)
+            doc = self.start(version)
+        except (ModeError, subprocess.TimeoutExpired) as exc:
+            ok, detail = False, str(exc)
+        return Window(index, start, time.time(), ok, version, doc.get("generation", ""),
+                      doc.get("load_seconds"), detail)
+
+    def close(self) -> None:
+        super().close()
+        self.listener.close()
+
+
 MODES: dict[str, type[Mode]] = {
     cls.name: cls for cls in (Hotswap, HotswapStore, HotswapRefresh, UwsgiGraceful, UwsgiChain,
-                              GunicornReexec, FullRestart)
+                              GunicornReexec, FullRestart, ActivatedRestart)
 }

@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
 # Install hotswap as a systemd service.
 #
-#   deploy/install-systemd.sh PREFIX [UNIT_DIR]        (as root; `make install-systemd PREFIX=...`)
+#   deploy/install-systemd.sh [--socket | --socket-tcp HOST:PORT] PREFIX [UNIT_DIR]
+#                                                   (as root; `make install-systemd PREFIX=...`)
+#
+#   --socket       also install deploy/hotswap.socket (systemd holds /run/hotswap/http.sock,
+#                  so a restart refuses nothing) and its drop-in hotswap.service.d/socket.conf;
+#                  srv.ini gets `protocol = http` (uWSGI's protocol for an adopted socket)
+#   --socket-tcp A the same on a TCP address (srv.ini's http-socket becomes A)
 #
 #   PREFIX/app     srv.py, srv.ini (run_dir/log_dir -> /run/hotswap, /var/log/hotswap), scripts/,
 #                  data/ (copied from the repo when it has one), owned by root, read-only to
@@ -28,7 +34,12 @@ set -euo pipefail
 die() { echo "install-systemd: $*" >&2; exit 1; }
 say() { echo "install-systemd: $*"; }
 
-[ $# -ge 1 ] && [ $# -le 2 ] || die "usage: $0 PREFIX [UNIT_DIR]"
+SOCKET_UNIT=""
+case "${1:-}" in
+    --socket) SOCKET_UNIT=/run/hotswap/http.sock; shift ;;
+    --socket-tcp) [ $# -ge 2 ] || die "--socket-tcp needs HOST:PORT"; SOCKET_UNIT=$2; shift 2 ;;
+esac
+[ $# -ge 1 ] && [ $# -le 2 ] || die "usage: $0 [--socket | --socket-tcp HOST:PORT] PREFIX [UNIT_DIR]"
 [ "$(id -u)" -eq 0 ] || die "must run as root (it creates a system user and installs a unit)"
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -80,6 +91,10 @@ sed -e "s|^run_dir[[:space:]]*=.*|run_dir = $RUN_DIR|" \
     -e "s|^log_dir[[:space:]]*=.*|log_dir = $LOG_DIR|" "$REPO/srv.ini" >"$ini_tmp"
 grep -qx "run_dir = $RUN_DIR" "$ini_tmp" && grep -qx "log_dir = $LOG_DIR" "$ini_tmp" \
     || { rm -f "$ini_tmp"; die "srv.ini has no 'run_dir =' / 'log_dir =' lines to rewrite"; }
+if [ -n "$SOCKET_UNIT" ]; then
+    # an adopted socket speaks the ini's `protocol` (deploy/hotswap.socket says why)
+    sed -i -e "s|^http-socket[[:space:]]*=.*|http-socket = $SOCKET_UNIT\nprotocol = http|" "$ini_tmp"
+fi
 chmod 0644 "$ini_tmp"
 mv "$ini_tmp" "$PREFIX/app/srv.ini"
 chown -R root:root "$PREFIX/app"
@@ -146,6 +161,16 @@ sed -e "s|@PREFIX@|$PREFIX|g" -e "s|@USER@|$SERVICE_USER|g" \
     "$REPO/deploy/hotswap.service" >"$unit_tmp"
 chmod 0644 "$unit_tmp"
 mv "$unit_tmp" "$UNIT_DIR/hotswap.service"
+if [ -n "$SOCKET_UNIT" ]; then
+    sock_tmp=$(mktemp "$UNIT_DIR/.hotswap.socket.XXXXXX")
+    sed -e "s|@PREFIX@|$PREFIX|g" -e "s|@USER@|$SERVICE_USER|g" \
+        -e "s|^ListenStream=.*|ListenStream=$SOCKET_UNIT|" "$REPO/deploy/hotswap.socket" >"$sock_tmp"
+    chmod 0644 "$sock_tmp"
+    mv "$sock_tmp" "$UNIT_DIR/hotswap.socket"
+    install -d -m 0755 "$UNIT_DIR/hotswap.service.d"
+    install -m 0644 "$REPO/deploy/hotswap-socket.conf" "$UNIT_DIR/hotswap.service.d/socket.conf"
+    say "installed $UNIT_DIR/hotswap.socket on $SOCKET_UNIT (systemctl enable --now hotswap.socket)"
+fi
 say "installed $UNIT_DIR/hotswap.service (app $PREFIX/app, venv $PREFIX/venv, user $SERVICE_USER)"
 
 if [ "$UNIT_DIR" = /etc/systemd/system ] && [ "$(cat /proc/1/comm)" = systemd ] \

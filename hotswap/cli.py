@@ -29,8 +29,8 @@ from .releases import watch as watcher
 from .service import adopt, checks, scaffold
 from .service import instance as inst
 from .service.supervisor import DEFAULT_GRACE, Supervisor, refuse_exec_as_pid1
+from .swap import drift, probe
 from .swap import metrics as swap_metrics
-from .swap import probe
 from .swap.reload import Phase, reload, write_last_reload
 from .system import files, memory, notify
 
@@ -410,7 +410,18 @@ def probe_cmd(ctx: Context, path: str | None, timeout: float, expect_status: int
 @pass_context
 def stop(ctx: Context, timeout: float) -> None:
     """Stop gracefully: in-flight requests finish, then the master exits; files are cleaned."""
-    masters = inst.stop(ctx.cfg, timeout)
+    cfg = ctx.cfg
+    activated = drift.socket_activated(cfg)  # read before stop clears the run dir
+    masters = inst.stop(cfg, timeout)
+    if activated:
+        click.echo(f"hotswap: {cfg.socket.address} is held by systemd (socket-activated): "
+                   "connections queue in its backlog until the next start, none refused",
+                   err=True)
+    else:
+        click.echo(f"hotswap: {cfg.socket.address} was the instance's own (no socket unit "
+                   "held it): connections still queued in its backlog were reset, and new "
+                   "ones are refused until `hotswap start`; deploy/hotswap.socket avoids that",
+                   err=True)
     click.echo(f"stopped master {', '.join(map(str, masters))}")
 
 

@@ -19,7 +19,7 @@ from ..swap.host import RealHost
 from ..swap.lock import hold_instance_lock, holder, reload_lock
 from ..swap.repair import abort_generation, reattach_fifos, repair
 from ..swap.store_repair import repair_store, store_problems
-from ..system import files, memory, priority, procs, stats
+from ..system import activation, files, memory, priority, procs, stats
 
 
 def find_masters(cfg: Config):
@@ -31,8 +31,10 @@ def socket_accepts(path: Path | Endpoint) -> bool:
     return probe.endpoint_of(path).accepts()
 
 
-def ensure_not_running(cfg: Config) -> None:
-    """Refuse to start over a live instance, whatever evidence it left."""
+def ensure_not_running(cfg: Config, activated: tuple[str, ...] = ()) -> None:
+    """Refuse to start over a live instance, whatever evidence it left. An `activated`
+    address (a socket systemd passed in) accepts with no uWSGI behind it: the kernel queues
+    the connection for whoever serves next, so it is no evidence."""
     host = RealHost(cfg)
     masters = host.masters()
     if masters.all:
@@ -44,7 +46,7 @@ def ensure_not_running(cfg: Config) -> None:
             ExitCode.BUSY,
         )
     for where in cfg.sockets:
-        if where.accepts():
+        if where.address not in activated and where.accepts():
             raise HotswapError(
                 f"already running: something accepts connections on {where.address} (the "
                 f"ini's {where.key}); stop it first, or give this instance another address",
@@ -52,11 +54,13 @@ def ensure_not_running(cfg: Config) -> None:
             )
 
 
-def clear_stale_files(cfg: Config) -> list[Path]:
-    """Remove what a dead instance left behind; call only after ensure_not_running()."""
+def clear_stale_files(cfg: Config, activated: tuple[str, ...] = ()) -> list[Path]:
+    """Remove what a dead instance left behind; call only after ensure_not_running().
+    An activated socket's file is systemd's, live, and stays."""
     removed = [path for path in (cfg.fifo_live, cfg.fifo_standby) if fifo.remove_if_stale(path)]
     store.remove_dead_reports(cfg.run_dir)  # one per worker that ever mapped a store
-    unix = [where.path for where in cfg.sockets if where.path]  # a TCP port leaves no file
+    # a TCP port leaves no file
+    unix = [where.path for where in cfg.sockets if where.path and where.address not in activated]
     # a refresh killed before a stop, a fallback: no worker is left to agree with, and the
     # new master validates whatever the pointer names
     for path in (*unix, cfg.stats_socket, cfg.pidfile,
@@ -78,10 +82,11 @@ def prepare_start(cfg: Config) -> tuple[int, list[Path]]:
         folder.mkdir(parents=True, exist_ok=True)
     if not os.access(cfg.run_dir, os.W_OK):
         raise HotswapError(f"cannot write to {cfg.run_dir}: permission denied", ExitCode.CONFIG)
-    ensure_not_running(cfg)  # names the running master, in the common case
+    activated = tuple(activation.activated_addresses())  # systemd's hotswap.socket, if any
+    ensure_not_running(cfg, activated)  # names the running master, in the common case
     lock_fd = hold_instance_lock(cfg)  # closes the race between two starts
-    removed = clear_stale_files(cfg)
-    drift.record_start(cfg)
+    removed = clear_stale_files(cfg, activated)
+    drift.record_start(cfg, activated)
     # what each generation returns to once it serves: its OOM score, its priority
     memory.remember_normal_score(cfg.run_dir)
     priority.remember_normal(cfg.run_dir)
@@ -95,6 +100,8 @@ def stop(cfg: Config, timeout: float) -> list[int]:
     nothing and is rolled back first (repair.py), unless its hand-over had committed, in
     which case it serves and is stopped like the others. Files are cleaned once all are gone.
     """
+    # systemd's socket stays, queued connections and all, for the next start
+    activated = (cfg.socket.address,) if drift.socket_activated(cfg) else ()
     with reload_lock(cfg, "stop"):
         stopping, serving = begin_stop(cfg)
         if not procs.wait_gone(serving, timeout):
@@ -102,7 +109,7 @@ def stop(cfg: Config, timeout: float) -> list[int]:
                 f"master {', '.join(map(str, serving))} still draining after {timeout:g}s",
                 ExitCode.TIMEOUT,
             )
-    clear_stale_files(cfg)
+    clear_stale_files(cfg, activated)
     return stopping
 
 
@@ -263,7 +270,7 @@ def problems(cfg: Config, host: RealHost, master: int, health: dict | None,
         why = "(its port was closed?)" if cfg.socket.is_tcp else "(the socket file was removed?)"
         found.append(f"master {master} runs, but nothing accepts on {cfg.socket.address} {why}: "
                      "clients cannot connect, and a reload cannot re-create it; restart: "
-                     "`hotswap stop && hotswap start`")
+                     + drift.restart_hint(cfg))
     elif health is None:
         busy = sum(w["status"] == "busy" for w in stats.workers(document or {}))
         found.append(f"master {master} runs, but {cfg.health_path} does not answer" + (

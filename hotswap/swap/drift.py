@@ -43,10 +43,11 @@ def snapshot_path(cfg: Config) -> Path:
     return cfg.run_dir / SNAPSHOT_NAME
 
 
-def record_start(cfg: Config) -> None:
-    """Called by `hotswap start`: what this instance's first master reads."""
+def record_start(cfg: Config, activated: tuple[str, ...] = ()) -> None:
+    """Called by `hotswap start`: what this instance's first master reads, and the
+    addresses systemd passed in (socket activation: a restart refuses nothing)."""
     document = {"ini": str(cfg.ini), "started_at": time.time(),
-                "keys": read_keys(cfg, INHERITED)}
+                "keys": read_keys(cfg, INHERITED), "activated": list(activated)}
     files.atomic_write(snapshot_path(cfg), json.dumps(document, indent=1) + "\n")
 
 
@@ -122,7 +123,24 @@ def emperor_refusal(master: int) -> str | None:
             "`hotswap start` (e.g. under systemd, deploy/hotswap.service)")
 
 
-def refusal(found: list[Change]) -> str:
+def socket_activated(cfg: Config) -> bool:
+    """Whether the running instance's probed socket was passed in by systemd (recorded by
+    `hotswap start`): a restart then queues connections instead of refusing them."""
+    try:
+        held = json.loads(snapshot_path(cfg).read_text()).get("activated") or []
+    except (OSError, ValueError, AttributeError):
+        return False
+    return cfg.socket.address in held
+
+
+def restart_hint(cfg: Config) -> str:
+    """The one command that restarts this instance, and what a restart costs clients."""
+    if socket_activated(cfg):
+        return "`systemctl restart hotswap` (socket-activated: nothing is refused)"
+    return "`hotswap stop && hotswap start`"
+
+
+def refusal(found: list[Change], hint: str = "`hotswap stop && hotswap start`") -> str:
     return (f"{'; '.join(map(str, found))}: a reload cannot apply this (the new generation "
-            "inherits the running one's sockets, user and FIFOs); restart to apply it "
-            "(`hotswap stop && hotswap start`), or undo the change and reload")
+            f"inherits the running one's sockets, user and FIFOs); restart to apply it "
+            f"({hint}), or undo the change and reload")

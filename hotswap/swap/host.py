@@ -178,7 +178,7 @@ class RealHost:
         if emperor:
             return [emperor]
         found = drift.changes(self.cfg, master)
-        return [drift.refusal(found)] if found else []
+        return [drift.refusal(found, drift.restart_hint(self.cfg))] if found else []
 
     def handover(self) -> Handover | None:
         return record.read(self.cfg.run_dir)
