@@ -18,6 +18,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 DEFAULT_PATHS = ("/healthz",)
@@ -61,8 +62,13 @@ def _failure_kind(exc: BaseException) -> str:
     return type(exc).__name__
 
 
-def request_once(target: str | tuple[str, int], path: str, timeout: float) -> Record:
-    """One request on a fresh connection; never raises for network trouble."""
+def request_once(target: str | tuple[str, int], path: str, timeout: float,
+                 sent: Callable[[], None] | None = None) -> Record:
+    """One request on a fresh connection; never raises for network trouble.
+
+    `sent` is called once the request is written: a test that needs connections waiting in
+    a listen backlog (a restart's gap) waits for it instead of for a time.
+    """
     started = time.time()
     t0 = time.perf_counter()
     family = socket.AF_UNIX if isinstance(target, str) else socket.AF_INET
@@ -71,6 +77,8 @@ def request_once(target: str | tuple[str, int], path: str, timeout: float) -> Re
             sock.settimeout(timeout)
             sock.connect(target)
             sock.sendall(f"GET {path} HTTP/1.0\r\nHost: hotswap\r\n\r\n".encode())
+            if sent is not None:
+                sent()
             chunks = []
             while True:
                 chunk = sock.recv(65536)

@@ -27,6 +27,8 @@ from conftest import REPO, Service  # noqa: E402
 
 pytestmark = pytest.mark.slow
 CONNECTIONS = 32
+GAP_SECONDS = 5.0  # the issue's scenario: start 5 s after the stop
+GAP_TIMEOUT = 120.0  # a client's patience: the gap plus a start on a slow machine
 
 
 @pytest.fixture
@@ -58,12 +60,41 @@ def start(svc: Service, listener: socket.socket) -> None:
     svc.wait_ready()
 
 
+class _Gap:
+    """Eight clients that connect while nothing serves, and what they got."""
+
+    def __init__(self, target: str) -> None:
+        self.records: list = []
+        self.sent: list = []
+        self.threads = [threading.Thread(target=self._one, args=(target,)) for _ in range(8)]
+
+    def _one(self, target: str) -> None:
+        self.records.append(request_once(target, "/healthz", GAP_TIMEOUT,
+                                         sent=lambda: self.sent.append(1)))
+
+
+def _gap_clients(target: str) -> _Gap:
+    """Start the gap's clients and return once all eight wait in the backlog, and the
+    scenario's gap (GAP_SECONDS since the stop) has passed: a start 5 s after a stop."""
+    stopped = time.monotonic()
+    gap = _Gap(target)
+    for thread in gap.threads:
+        thread.start()
+    queued = procs.wait_until(
+        lambda: len(gap.sent) == 8 and time.monotonic() - stopped >= GAP_SECONDS,
+        GAP_SECONDS + 30)
+    assert queued, f"only {len(gap.sent)} of 8 gap clients reached the backlog"
+    return gap
+
+
 def test_activated_socket_survives_reload_stop_and_start(activated):
     svc, listener = activated
     start(svc, listener)
     first = svc.master()
     assert "SystemD socket activation detected" in svc.log_tail(200)
-    load = LoadGenerator(str(svc.socket), connections=CONNECTIONS, max_seconds=120)
+    # the clients wait through the stop-start gap: their timeout outlasts a slow start
+    load = LoadGenerator(str(svc.socket), connections=CONNECTIONS, max_seconds=180,
+                         request_timeout=GAP_TIMEOUT)
     load.start()
     try:
         procs.wait_until(lambda: len(load.records) >= 4 * CONNECTIONS, 30)
@@ -77,16 +108,10 @@ def test_activated_socket_survives_reload_stop_and_start(activated):
         assert "socket-activated" in stop.stderr, stop.stderr
         assert svc.socket.exists(), "stop unlinked the activated socket"
         svc.supervisor.wait(timeout=30)
-        # the deliberate gap of the scenario: connections made now must wait, not fail
-        gap: list = []
-        threads = [threading.Thread(target=lambda: gap.append(
-            request_once(str(svc.socket), "/healthz", 60.0))) for _ in range(8)]
-        for thread in threads:
-            thread.start()
-        time.sleep(5)
+        gap = _gap_clients(str(svc.socket))
         start(svc, listener)
-        for thread in threads:
-            thread.join(timeout=60)
+        for thread in gap.threads:
+            thread.join(timeout=GAP_TIMEOUT + 10)
     finally:
         records = load.stop()
     summary = summarize(records)
@@ -95,7 +120,7 @@ def test_activated_socket_survives_reload_stop_and_start(activated):
     # hand-over's "p" closes for a swap; stop does not pause the workers first yet.
     assert set(summary["outcomes"]) <= {"ok", "reset"}, summary
     assert summary["outcomes"].get("reset", 0) <= 2, summary
-    assert [r.outcome for r in gap] == ["ok"] * 8, gap
+    assert [r.outcome for r in gap.records] == ["ok"] * 8, gap.records
     assert svc.master() != first
     print(f"\nreload, stop, 5 s gap, start under {CONNECTIONS} clients: "
           f"{summary['requests']} requests, {summary['failed']} failed; 8 made in the gap all "
@@ -148,7 +173,8 @@ def socket_systemd():
 
 def _under_load(sd: NamespaceSystemd, action) -> dict:
     sock = sd.host_path("/run/hotswap/http.sock")
-    load = LoadGenerator(sock, connections=CONNECTIONS, max_seconds=180)
+    load = LoadGenerator(sock, connections=CONNECTIONS, max_seconds=240,
+                         request_timeout=GAP_TIMEOUT)
     load.start()
     try:
         wait_for(lambda: len(load.records) >= 4 * CONNECTIONS, 30, "load to start")
@@ -195,18 +221,12 @@ def test_systemd_restart_and_reload_refuse_nothing(socket_systemd):
     # connection to an active socket unit may also start the service by itself)
     stopped = sd.systemctl("stop", UNIT, check=False, timeout=300)
     assert stopped.returncode == 0, stopped.stderr
-    sock = sd.host_path("/run/hotswap/http.sock")
-    gap: list = []
-    threads = [threading.Thread(target=lambda: gap.append(
-        request_once(sock, "/healthz", 120.0))) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    time.sleep(5)  # the scenario's deliberate gap, not a synchronisation
+    gap = _gap_clients(sd.host_path("/run/hotswap/http.sock"))
     started = sd.systemctl("start", UNIT, check=False, timeout=300)
-    for thread in threads:
-        thread.join(timeout=150)
+    for thread in gap.threads:
+        thread.join(timeout=GAP_TIMEOUT + 10)
     assert started.returncode == 0, started.stderr
-    assert [r.outcome for r in gap] == ["ok"] * 8, gap
+    assert [r.outcome for r in gap.records] == ["ok"] * 8, gap.records
     print(f"\nsystemd, 32 clients: restart {summary['requests']} requests 0 failed; "
           f"restart applying listen {summary2['requests']} 0 failed; "
           f"reload {summary3['requests']} 0 failed")
