@@ -55,6 +55,10 @@ class FakeHost:
         self.available_bytes = 1000 * memory.MIB
         self.oom_count: int | None = 0
         self.cgroup: str | None = "/fake"  # None: the counter is the machine's (/proc/vmstat)
+        # workers uWSGI respawned, pid -> (master, birth on the fake clock); parked ones never
+        # exit by themselves, and their master does not exit while one lives (the soak's hang)
+        self.respawned: dict[int, tuple[int, float]] = {}
+        self.parked_pids: set[int] = set()
 
     # -- the fake world ------------------------------------------------------------------
     def at(self, when: float, action: Callable[[], None]) -> None:
@@ -80,8 +84,9 @@ class FakeHost:
             self.paused = not self.paused
         if state is State.NOTIFYING and self.systemd:
             self.events.append(("notify", f"MAINPID={self.new}"))
-        self.record = self.record.to(state, notified_systemd=self.systemd and state not in (
-            State.STARTED, State.NOTIFYING))
+        paused_at = self.t if state is State.PAUSED else self.record.paused_at
+        self.record = self.record.to(state, paused_at=paused_at, notified_systemd=self.systemd
+                                     and state not in (State.STARTED, State.NOTIFYING))
         if state is State.COMMITTED and not self.q_fails:
             self._quit(OLD)
 
@@ -90,7 +95,11 @@ class FakeHost:
         self.at(self.t + self.drain_seconds, lambda: self._exit(master))
 
     def _exit(self, master: int) -> None:
-        self.alive_pids -= {master, *(OLD_WORKERS if master == OLD else [])}
+        if set(self._respawned_of(master)) & self.parked_pids:
+            self.at(self.t + 0.1, lambda: self._exit(master))  # waits for its stranded one
+            return
+        self.alive_pids -= {master, *(OLD_WORKERS if master == OLD else []),
+                            *self._respawned_of(master)}
         self.slot.pop(master, None)
 
     def _fork(self) -> None:
@@ -139,10 +148,27 @@ class FakeHost:
             self.new in self.alive_pids else []
 
     def workers_of(self, master: int) -> list[int]:
-        return [w for w in OLD_WORKERS if w in self.alive_pids] if master == OLD else []
+        return [w for w in OLD_WORKERS if w in self.alive_pids and master == OLD] + \
+            self._respawned_of(master)
+
+    def _respawned_of(self, master: int) -> list[int]:
+        return [w for w, (m, _) in self.respawned.items() if m == master and w in self.alive_pids]
+
+    def respawn(self, pid: int, parked: bool, master: int = OLD) -> None:
+        """uWSGI respawns a worker of `master` now (a SIGKILLed one), parked or not."""
+        self.respawned[pid] = (master, self.t)
+        self.alive_pids.add(pid)
+        if parked:
+            self.parked_pids.add(pid)
+
+    def stranded_workers(self, master: int, paused_at: float) -> list[int]:
+        return [w for w in self._respawned_of(master)
+                if self.respawned[w][1] > paused_at and w in self.parked_pids]
 
     def signal(self, pid: int, sig: int) -> None:
         self.events.append(("signal", pid, sig))
+        if sig == 9 and pid in self.respawned:
+            self.alive_pids.discard(pid)
 
     def kill_generations(self, masters: list[int]) -> None:
         self.events.append(("kill", tuple(masters)))

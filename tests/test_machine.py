@@ -511,3 +511,51 @@ def test_a_release_still_loading_at_half_its_timeout_gets_the_services_priority_
     assert f"master {NEW}" in line, line
     quick = FakeHost()
     assert run(quick, timeout=30.0)[0].ok and ("priority", NEW) not in quick.events
+
+
+def test_a_worker_respawned_during_the_pause_does_not_keep_the_old_master_draining():
+    """Found by the every-class chaos soak (swap 122): an old worker SIGKILLed at "p" was
+    respawned parked, the quit never reached it, the old master drained forever and every
+    later reload exited 4. The drain now kills such a worker (born after the pause, parked:
+    it accepted nothing) and the old master exits within --drain."""
+    host = FakeHost()
+    host.at(0.549, lambda: host.respawn(105, parked=True))  # after "p" (0.53), about "q"
+    result, _ = run(host, drain=10.0)
+    assert result.ok, result.message
+    assert ("signal", 105, signal.SIGKILL) in host.events
+    assert any("worker 105 was respawned during the hand-over's pause" in w
+               for w in result.warnings), result.warnings
+    assert not any("still draining" in w for w in result.warnings), result.warnings
+    assert not host.alive(OLD)
+    assert_new_serves(host)
+
+
+def test_a_worker_born_before_the_pause_is_never_killed_by_the_drain():
+    """The other side: a worker alive before "p" may hold a request; only uWSGI's own
+    graceful quit may end it, however long the drain (here: it outlasts --drain)."""
+    host = FakeHost()
+    host.at(0.2, lambda: host.respawn(105, parked=True))  # parked, but born before "p"
+    result, _ = run(host, drain=5.0)
+    assert result.ok, result.message
+    assert not any(e[:2] == ("signal", 105) for e in host.events), host.events
+    assert any("still draining after --drain 5s" in w for w in result.warnings)
+
+
+def test_the_next_reload_frees_a_stranded_worker_of_the_last_swaps_old_master():
+    """A reload whose CLI was killed after the commit left the old master stuck on such a
+    worker: the next reload's preflight frees it and swaps, instead of exiting 4."""
+    host = FakeHost()
+    host.slot[90] = Slot.STANDBY  # the generation before OLD, retiring
+    host.alive_pids.add(90)
+    host.record = Handover(master_pid=OLD, state=State.DONE, retiring_pid=90, paused_at=-5.0)
+    host.t = -1.0
+    host.respawn(91, parked=True, master=90)  # born after that pause, parked for good
+    host.t = 0.0
+    host.at(0.1, lambda: host._exit(90))  # it was told "q": it exits once 91 is gone
+    result, _ = run(host, drain=10.0)
+    assert result.ok, result.message
+    assert ("signal", 91, signal.SIGKILL) in host.events
+    details = [p["detail"] for p in result.phases]
+    assert "old master 90 drained and exited" in details, details
+    assert any("worker 91 was respawned" in w for w in result.warnings), result.warnings
+    assert_new_serves(host)

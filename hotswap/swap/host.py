@@ -74,6 +74,8 @@ class Host(Protocol):
     def stopped(self, pid: int) -> bool: ...  # state T: SIGSTOP, or a tracer holds it
     def reforked_below(self, master: int) -> list[int]: ...
     def workers_of(self, master: int) -> list[int]: ...
+    # workers of `master` born after its pause (wall clock) and parked: see RealHost's
+    def stranded_workers(self, master: int, paused_at: float) -> list[int]: ...
     def signal(self, pid: int, sig: int) -> None: ...
     def kill_generations(self, masters: list[int]) -> None: ...
     def send(self, slot: Slot, commands: str) -> None: ...  # fifo.NoReader if nobody reads
@@ -136,6 +138,18 @@ class RealHost:
     def workers_of(self, master: int) -> list[int]:
         reforked = procs.session_leaders_below(master)
         return [pid for pid in procs.children(master) if pid not in reforked]
+
+    def stranded_workers(self, master: int, paused_at: float) -> list[int]:
+        """Workers uWSGI respawned after the hand-over's "p": a slot's suspended flag
+        survives a respawn (core/master_utils.c leaves it set), so the new worker parks at
+        the top of its loop before it ever accepts. The chaos soak saw the master's graceful
+        quit miss one (it SIGHUPs the workers it has at "q"): parked, it never exits, and
+        worker-reload-mercy does not count it. Both witnesses are needed: born after the
+        pause (so it never accepted), and parked now (so it holds no connection). Killing
+        it loses nothing."""
+        return [pid for pid in self.workers_of(master)
+                if (born := procs.started_at(pid)) is not None and born > paused_at
+                and procs.parked_in_poll(pid)]
 
     def signal(self, pid: int, sig: int) -> None:
         procs.signal_quietly(pid, sig)

@@ -225,7 +225,9 @@ class ToCommit(Swap):
         self.enter(Phase.PREFLIGHT, f"waiting for old master {old} to drain its in-flight "
                                     f"requests from the last swap{repaired.draining_note()}")
         budget = min(self.drain_timeout, self.remaining())
-        if self.poll(exited(self.host, old), budget):
+        last = self.host.handover()
+        paused_at = last.paused_at if last and last.retiring_pid == old else None
+        if self.poll(exited(self.host, old, paused_at, self._freed(old)), budget):
             self.host.remove_stale(Slot.STANDBY)  # re-created on its way out (uwsgi#1492)
             self.enter(Phase.PREFLIGHT, f"old master {old} drained and exited")
             return True
@@ -235,6 +237,14 @@ class ToCommit(Swap):
             f"old master {old} is still draining its in-flight requests from the last "
             f"swap{repaired.draining_note()} after waiting {budget:g}s for it; reload "
             "again once it has exited (`hotswap status`)", ExitCode.BUSY)
+
+    def _freed(self, old: int) -> Callable[[int], None]:
+        def note(pid: int) -> None:
+            self.result.warnings.append(
+                f"old master {old}: worker {pid} was respawned during the hand-over's pause "
+                "and stayed parked, out of reach of uWSGI's graceful quit; it had accepted "
+                "nothing: killed it so the old master can exit")
+        return note
 
     def fork(self) -> Phase:
         old = self.result.old_master
@@ -363,7 +373,8 @@ class Reload(ToCommit):
     def _drain(self) -> Phase:
         host, result = self.host, self.result
         old, new = result.old_master, result.new_master
-        old_exited = exited(host, old)
+        paused_at = self.committed.paused_at if self.committed else None
+        old_exited = exited(host, old, paused_at, self._freed(old))
 
         def gone_or_new_dead():
             if old_exited():

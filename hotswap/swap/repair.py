@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..errors import ExitCode, HotswapError
@@ -23,6 +24,10 @@ from .host import Host, Slot
 ROLLBACK_TIMEOUT = 10.0
 # How long "p" may take to show in the log before we conclude it never reached the master.
 PAUSE_EVIDENCE_SECONDS = 0.5
+# A retiring master SIGHUPs the workers it knows at "q", and they leave within a moment when
+# idle: a worker of it still parked this long after is one that "q" never reached.
+STRANDED_GRACE = 2.0
+STRANDED_CHECK = 1.0  # how often to look again (it reads /proc per worker)
 
 
 def wait(host: Host, probe, timeout: float, interval: float = 0.02):
@@ -128,13 +133,28 @@ def wake(host: Host, master: int) -> None:
     host.signal(master, signal.SIGUSR1)
 
 
-def exited(host: Host, master: int):
-    """A probe: True once `master` has exited, waking it (once) when its last worker has."""
+def exited(host: Host, master: int, paused_at: float | None = None,
+           freed: Callable[[int], None] = lambda _pid: None):
+    """A probe: True once `master` has exited, waking it (once) when its last worker has.
+
+    Given the hand-over's pause (`paused_at`), it also frees the workers the master's
+    graceful quit never reaches (Host.stranded_workers: respawned during the pause, parked
+    for good); `freed` hears each pid killed. Found by the chaos soak: one such worker kept
+    an old master draining forever, and every later reload was refused (exit 4)."""
     woke: list[int] = []
+    started = host.now()
+    checked = [started]
 
     def probe() -> bool:
         if not host.alive(master):
             return True
+        now = host.now()
+        if paused_at is not None and now - started >= STRANDED_GRACE and \
+                now - checked[0] >= STRANDED_CHECK:
+            checked[0] = now
+            for pid in host.stranded_workers(master, paused_at):
+                host.signal(pid, signal.SIGKILL)
+                freed(pid)
         if not woke and not host.workers_of(master):
             wake(host, master)
             woke.append(master)

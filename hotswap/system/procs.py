@@ -72,6 +72,16 @@ def start_ticks(pid: int) -> int | None:
     return int(raw[raw.rindex(")") + 2:].split()[19])
 
 
+def started_at(pid: int) -> float | None:
+    """When pid began, on the wall clock (time.time()), to the kernel's clock tick (10 ms);
+    None if there is no such process. starttime counts from boot on CLOCK_BOOTTIME."""
+    ticks = start_ticks(pid)
+    if ticks is None:
+        return None
+    age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+    return time.time() - age
+
+
 def alive(pid: int | None) -> bool:
     """True if pid names a process that has not exited (zombies count as exited)."""
     if not pid or pid <= 0:

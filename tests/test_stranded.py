@@ -1,0 +1,54 @@
+"""The witnesses the drain relies on to free a stranded worker (hotswap/swap/host.py,
+RealHost.stranded_workers), on a real uWSGI: a worker respawned while the instance is paused
+parks before it accepts, and is the only one named; the workers parked by "p" itself, which
+may have been serving until then, never are. The drain's decision (when, and what it says)
+is tests/test_machine.py's, on the fake host.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from hotswap.config import load
+from hotswap.swap.host import RealHost
+from hotswap.system import procs
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conftest import Service  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+def _write(fifo: Path, command: str) -> None:
+    with open(fifo, "w") as handle:
+        handle.write(command)
+
+
+def test_only_a_worker_respawned_during_the_pause_is_stranded(service: Service):
+    service.start()
+    host = RealHost(load(service.ini))
+    master = service.master()
+    before = host.workers_of(master)
+    paused_at = time.time()
+    _write(host.cfg.fifo_live, "p")
+    assert procs.wait_until(lambda: all(procs.parked_in_poll(w) for w in before), 20), \
+        service.log_tail()
+    assert host.stranded_workers(master, paused_at) == []  # parked, but born before "p"
+
+    os.kill(before[0], signal.SIGKILL)
+    respawned = procs.wait_until(
+        lambda: [w for w in host.workers_of(master) if w not in before], 30)
+    assert respawned, service.log_tail()
+    assert procs.wait_until(lambda: host.stranded_workers(master, paused_at) == respawned,
+                            30), service.log_tail()
+
+    # resumed, it accepts like any other: and it is no longer parked, so never named
+    _write(host.cfg.fifo_live, "p")
+    assert procs.wait_until(lambda: host.stranded_workers(master, paused_at) == [], 30)
+    assert service.health()["master_pid"] == master
