@@ -20,19 +20,10 @@ from ..system import files, priority
 NICE_KEY = "hotswap-loading-nice"
 
 
-def _option(key: str) -> str | None:
-    try:
-        import uwsgi  # type: ignore[import-not-found]
-    except ImportError:
-        return None
-    value = uwsgi.opt.get(key)
-    if isinstance(value, list):
-        value = value[-1]
-    return value.decode() if isinstance(value, bytes) else value
-
-
 def main() -> str:
-    raw = _option(NICE_KEY)
+    from . import wsgi  # the middleware's reader of ini values: imported by the app anyway
+
+    raw = wsgi.ini_option(NICE_KEY)
     try:
         step = int(raw) if raw not in (None, "") else priority.DEFAULT_LOADING_NICE
     except ValueError:
