@@ -41,7 +41,8 @@ MEANING = {
     "status: it runs but something is wrong (each problem named, with its fix)",
     ExitCode.NO_ROOM: "no room: reload refused before touching anything, because a second "
     "generation (the serving one's memory plus the margin) does not fit in MemAvailable or "
-    "under the cgroup's memory limit; the old generation serves; --force skips the check",
+    "under the cgroup's memory limit (--force skips that check), or the run dir has no space "
+    "left for the hand-over's records; the old generation serves",
 }
 
 

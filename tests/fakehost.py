@@ -57,6 +57,7 @@ class FakeHost:
         self.cgroup: str | None = "/fake"  # None: the counter is the machine's (/proc/vmstat)
         # workers uWSGI respawned, pid -> (master, birth on the fake clock); parked ones never
         # exit by themselves, and their master does not exit while one lives (the soak's hang)
+        self.run_dir_free: int | None = 10**9  # bytes free in the run dir
         self.respawned: dict[int, tuple[int, float]] = {}
         self.parked_pids: set[int] = set()
 
@@ -268,6 +269,9 @@ class FakeHost:
     def restore_priority(self, master: int) -> str:
         self.events.append(("priority", master))
         return f"nice 0 for master {master} and 2 workers"
+
+    def run_dir_space(self) -> tuple[str, int | None]:
+        return "/fake/run", self.run_dir_free
 
     def oom_kills(self, master: int) -> int | None:
         return self.oom_count

@@ -312,3 +312,30 @@ def test_a_run_dir_that_fills_up_mid_swap_fails_cleanly_or_swaps(tmp_path):
     finally:
         service.teardown()
         disk.unmount()
+
+
+def test_a_full_run_dir_before_the_fork_is_refused_at_once(tmp_path):
+    """`disk full` landing before the fork: the reload refuses (exit 7, the run dir named)
+    instead of forking a generation that cannot record its hand-over and waiting out its
+    --timeout; once the space is freed, the next reload exits 0."""
+    from bench.chaos_squeeze import RunDirDisk
+
+    service = Service(tmp_path)
+    disk = RunDirDisk(service.run_dir)
+    try:
+        service.start()
+        master = service.health()["master_pid"]
+        assert disk.fill() > 0
+        refused = service.cli("reload", "--timeout", "60")
+        assert refused.returncode == 7, refused.stdout + refused.stderr
+        assert refused.stderr.startswith(f"hotswap: the run dir {service.run_dir} is full"), \
+            refused.stderr
+        assert "Traceback" not in refused.stderr
+        assert service.health()["master_pid"] == master
+        disk.free()
+        follow = service.cli("reload", "--timeout", "60")
+        assert follow.returncode == 0, follow.stdout + follow.stderr
+        service.seen_masters.add(service.health()["master_pid"])
+    finally:
+        service.teardown()
+        disk.unmount()

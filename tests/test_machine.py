@@ -559,3 +559,36 @@ def test_the_next_reload_frees_a_stranded_worker_of_the_last_swaps_old_master():
     assert "old master 90 drained and exited" in details, details
     assert any("worker 91 was respawned" in w for w in result.warnings), result.warnings
     assert_new_serves(host)
+
+
+def test_a_full_run_dir_is_refused_before_anything_changes():
+    """Found by the chaos soak: a run dir filled before the fork made the reload wait out
+    its whole --timeout (exit 5), since no hook can record a hand-over there."""
+    host = FakeHost()
+    host.run_dir_free = 0
+    with pytest.raises(HotswapError) as refused:
+        Reload(host, 30.0, 5.0).run()
+    assert refused.value.code == ExitCode.NO_ROOM
+    assert refused.value.message.startswith("the run dir /fake/run is full (0 bytes free)")
+    assert f"master {OLD} keeps serving" in refused.value.message
+    assert sent(host) == []
+
+
+def test_a_run_dir_that_fills_while_loading_rolls_back_within_seconds():
+    host = FakeHost(plan=[])  # the hook never records anything: the disk is full
+    host.at(0.2, lambda: setattr(host, "run_dir_free", 100))
+    result, _ = run(host, timeout=60.0)
+    assert result.exit_code == ExitCode.RELOAD_FAILED and result.rolled_back
+    assert result.message.startswith("the run dir /fake/run is full (100 bytes free): new "
+                                     f"master {NEW} cannot record its hand-over")
+    assert host.t < 10.0  # not the whole --timeout
+    assert host.serving() == OLD
+
+
+def test_a_run_dir_full_for_a_moment_does_not_fail_the_swap():
+    host = FakeHost()
+    host.at(0.1, lambda: setattr(host, "run_dir_free", 0))
+    host.at(0.3, lambda: setattr(host, "run_dir_free", 10**9))
+    result, _ = run(host)
+    assert result.ok, result.message
+    assert_new_serves(host)

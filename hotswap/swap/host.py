@@ -97,6 +97,7 @@ class Host(Protocol):
     def write_pidfile(self, master: int) -> None: ...
     def memory_room(self, master: int, margin_percent: float) -> memory.Room: ...
     def oom_kills(self, master: int) -> int | None: ...
+    def run_dir_space(self) -> tuple[str, int | None]: ...  # its path, bytes free (None: ?)
     def restore_priority(self, master: int) -> str: ...  # what it did, for the timeline
 
 
@@ -257,6 +258,13 @@ class RealHost:
             return notify.notify(message, barrier=True)
         except OSError:
             return False
+
+    def run_dir_space(self) -> tuple[str, int | None]:
+        try:
+            info = os.statvfs(self.cfg.run_dir)
+        except OSError:
+            return str(self.cfg.run_dir), None
+        return str(self.cfg.run_dir), info.f_bavail * info.f_frsize
 
     def write_pidfile(self, master: int) -> None:
         files.atomic_write(self.cfg.pidfile, f"{master}\n", owner_of=self.cfg.run_dir)

@@ -88,8 +88,10 @@ def reload_lock(cfg: Config, action: str) -> Iterator[None]:
         files.give_to_owner_of(cfg.lock_file, cfg.run_dir)
         handle.seek(0)
         handle.truncate()
-        handle.write(json.dumps(asdict(Holder.me(action))))
-        handle.flush()
+        try:  # unbuffered: a failed write must not come back when the handle closes
+            os.write(handle.fileno(), json.dumps(asdict(Holder.me(action))).encode())
+        except OSError:
+            pass  # a full run dir: the flock is held all the same, only the "who" is missing
         yield
     finally:
         handle.close()

@@ -67,6 +67,10 @@ PAUSE_STALL = 3.5
 RETIRE_GRACE = 1.0
 # How long an OOM-killed new master may take to die once the cgroup counted the kill.
 OOM_SETTLE = 1.0
+# The hand-over's records (handover.json, the pidfile, last-reload.json) need a few KiB of
+# the run dir: with less, no new generation can commit.
+RUN_DIR_MIN_FREE = 16 * 1024
+DISK_FULL_GRACE = 2.0  # a run dir that stays that full this long while loading: roll back
 
 
 class Phase(str, Enum):
@@ -209,6 +213,12 @@ class ToCommit(Swap):
         self.enter(Phase.PREFLIGHT,
                    f"master {live} serving generation {result.old_generation or '?'}")
         self.enter(Phase.PREFLIGHT, self.memory.check(live))
+        full = run_dir_full(host)
+        if full:
+            raise HotswapError(
+                f"{full}: a new generation could not record its hand-over; nothing was "
+                f"changed, master {live} keeps serving. Free space there, then reload",
+                ExitCode.NO_ROOM)
         if self.interrupted:
             return self._interrupted_before_anything()
         return Phase.FORKING
@@ -280,13 +290,25 @@ class ToCommit(Swap):
         # could cost it the deadline, so past half of what is left it gets the service's own.
         boost_at = self.host.now() + self.remaining() / 2
         boosted = []
+        full_since: list[float] = []
 
         def outcome_or_oom():
             if not boosted and self.host.now() >= boost_at:
                 boosted.append(self.host.restore_priority(self.result.new_master))
                 self.enter(Phase.LOADING, "still loading at half of --timeout: back to the "
                            f"service's priority ({boosted[0]})")
-            return watch.outcome() or self.memory.oom_killed(old)
+            return watch.outcome() or self.memory.oom_killed(old) or disk_full()
+
+        def disk_full():
+            # No hook can commit on a full run dir (its record would not be written): say
+            # so after a short grace instead of waiting out --timeout.
+            if not run_dir_full(self.host):
+                full_since.clear()
+            elif not full_since:
+                full_since.append(self.host.now())
+            elif self.host.now() - full_since[0] >= DISK_FULL_GRACE:
+                return "disk full"
+            return None
 
         outcome = self.poll(outcome_or_oom, self.remaining())
         if outcome is None and not self.interrupted and watch.started:
@@ -300,6 +322,10 @@ class ToCommit(Swap):
             return self.fail(self.memory.cause(new, old, outcome == "dead",
                                                self.host.log_since(self.log_mark))
                              or f"new master {new} exited while loading the release")
+        if outcome == "disk full":
+            return self.fail(f"{run_dir_full(self.host) or 'the run dir is full'}: new master "
+                             f"{new} cannot record its hand-over; free space there, then "
+                             "reload")
         if outcome == "stalled":
             return self.fail(f"the hand-over of master {new} stalled with the old workers "
                              f"paused (hook pid {watch.performer} stopped or stuck)")
@@ -514,6 +540,14 @@ class HandoverWatch:
         if mine.state in PAUSE_STATES and self.host.now() - self._since > PAUSE_STALL:
             return "stalled"
         return None
+
+
+def run_dir_full(host: Host) -> str | None:
+    """What to say when the run dir has no room for the hand-over's records, else None."""
+    path, free = host.run_dir_space()
+    if free is None or free >= RUN_DIR_MIN_FREE:
+        return None
+    return f"the run dir {path} is full ({free} bytes free)"
 
 
 def busy_note(document: dict | None) -> str:
