@@ -276,66 +276,67 @@ def test_a_v1_oom_kill_in_a_child_cgroup_counts_for_its_parent(tmp_path):
     assert memory.Cgroup(tmp_path, 1, tmp_path).oom_kills() == 5
 
 
+@pytest.fixture
+def on_small_disk(tmp_path):
+    """A service whose run dir is a small tmpfs of its own (bench/chaos_squeeze.py)."""
+    from bench.chaos_squeeze import RunDirDisk
+
+    service = Service(tmp_path)
+    disk = RunDirDisk(service.run_dir)
+    try:
+        service.start()
+        yield service, disk
+    finally:
+        service.teardown()
+        disk.unmount()
+
+
+def _freed_then_reloads(service: Service, disk) -> None:
+    disk.free()
+    follow = service.cli("reload", "--timeout", "60")
+    assert follow.returncode == 0, follow.stdout + follow.stderr
+    service.seen_masters.add(service.health()["master_pid"])
+
+
 @pytest.mark.slow
-def test_a_run_dir_that_fills_up_mid_swap_fails_cleanly_or_swaps(tmp_path):
+def test_a_run_dir_that_fills_up_mid_swap_fails_cleanly_or_swaps(on_small_disk):
     """`disk full`, landed while the import hangs: the run dir (a small tmpfs of its own) is
     filled to the last byte, then the import goes on. The reload either swaps (exit 0, the
     new release serves) or fails cleanly (non-zero, a message, the old master serves); once
     the space is freed, the next reload exits 0."""
-    from bench.chaos_squeeze import RunDirDisk
-
-    service = Service(tmp_path)
-    disk = RunDirDisk(service.run_dir)
-    try:
-        service.start()
-        master = service.health()["master_pid"]
-        service.seen_masters.add(master)
-        service.release_hanging_import()
-        reload = service.cli_background("reload", "--timeout", "60")
-        service.loading_pid()
-        assert disk.fill() > 0
-        service.let_import_finish()
-        out, err = reload.communicate(timeout=120)
-        service.restore_code()
-        serving = service.health()["master_pid"]
-        service.seen_masters.add(serving)
-        if reload.returncode == 0:
-            assert serving != master, out + err
-        else:
-            assert serving == master, out + err
-            assert err.startswith("hotswap: reload FAILED"), out + err
-            assert "Traceback" not in err, err
-        disk.free()
-        follow = service.cli("reload", "--timeout", "60")
-        assert follow.returncode == 0, follow.stdout + follow.stderr
-        service.seen_masters.add(service.health()["master_pid"])
-    finally:
-        service.teardown()
-        disk.unmount()
+    service, disk = on_small_disk
+    master = service.health()["master_pid"]
+    service.seen_masters.add(master)
+    service.release_hanging_import()
+    reload = service.cli_background("reload", "--timeout", "60")
+    service.loading_pid()
+    assert disk.fill() > 0
+    service.let_import_finish()
+    out, err = reload.communicate(timeout=120)
+    service.restore_code()
+    serving = service.health()["master_pid"]
+    service.seen_masters.add(serving)
+    if reload.returncode == 0:
+        assert serving != master, out + err
+    else:
+        assert serving == master, out + err
+        assert err.startswith("hotswap: reload FAILED"), out + err
+        assert "Traceback" not in err, err
+    _freed_then_reloads(service, disk)
 
 
-def test_a_full_run_dir_before_the_fork_is_refused_at_once(tmp_path):
+@pytest.mark.slow
+def test_a_full_run_dir_before_the_fork_is_refused_at_once(on_small_disk):
     """`disk full` landing before the fork: the reload refuses (exit 7, the run dir named)
     instead of forking a generation that cannot record its hand-over and waiting out its
     --timeout; once the space is freed, the next reload exits 0."""
-    from bench.chaos_squeeze import RunDirDisk
-
-    service = Service(tmp_path)
-    disk = RunDirDisk(service.run_dir)
-    try:
-        service.start()
-        master = service.health()["master_pid"]
-        assert disk.fill() > 0
-        refused = service.cli("reload", "--timeout", "60")
-        assert refused.returncode == 7, refused.stdout + refused.stderr
-        assert refused.stderr.startswith(f"hotswap: the run dir {service.run_dir} is full"), \
-            refused.stderr
-        assert "Traceback" not in refused.stderr
-        assert service.health()["master_pid"] == master
-        disk.free()
-        follow = service.cli("reload", "--timeout", "60")
-        assert follow.returncode == 0, follow.stdout + follow.stderr
-        service.seen_masters.add(service.health()["master_pid"])
-    finally:
-        service.teardown()
-        disk.unmount()
+    service, disk = on_small_disk
+    master = service.health()["master_pid"]
+    assert disk.fill() > 0
+    refused = service.cli("reload", "--timeout", "60")
+    assert refused.returncode == 7, refused.stdout + refused.stderr
+    assert refused.stderr.startswith(f"hotswap: the run dir {service.run_dir} is full"), \
+        refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert service.health()["master_pid"] == master
+    _freed_then_reloads(service, disk)
