@@ -299,7 +299,7 @@ def land(fault: str, delay: float, cli: Cli, instance: Instance, old_master: int
     if target in ("cli", "run dir"):
         pid = cli.process.pid if _sleep_while_running(cli, delay) else None
     elif target == "old worker":
-        workers = procs.children(old_master) if _sleep_while_running(cli, delay) else []
+        workers = _workers(old_master) if _sleep_while_running(cli, delay) else []
         pid = workers[0] if workers else None
     elif target == "new worker":
         # a worker of the generation that took over: its moment counts from the commit,
@@ -361,12 +361,21 @@ def _sleep_while_running(cli: Cli, delay: float) -> bool:
     return not procs.wait_until(lambda: cli.process.poll() is not None, delay, interval=0.005)
 
 
+def _workers(master: int) -> list[int]:
+    """A master's workers: its children but the master it re-forked (a child too, leading
+    its own session). Found by the every-class soak: late in a swap, when the old workers
+    had gone, `old worker SIGKILL` hit the new master that by then served: an outage the
+    rig caused, not the kit."""
+    reforked = set(procs.session_leaders_below(master))
+    return [pid for pid in procs.children(master) if pid not in reforked]
+
+
 def _new_worker(instance: Instance, old_master: int, cli: Cli) -> int | None:
     """A worker of the new generation once it committed (-1: the reload ended without)."""
     record = instance.handover()
     if record.get("master_pid") not in (None, old_master) and record.get("state") in (
             "committed", "retire-sent", "done"):
-        workers = procs.children(record["master_pid"])
+        workers = _workers(record["master_pid"])
         return workers[0] if workers else None
     return -1 if cli.process.poll() is not None else None
 
