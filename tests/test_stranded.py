@@ -1,14 +1,18 @@
-"""The witnesses the drain relies on to free a stranded worker (hotswap/swap/host.py,
-RealHost.stranded_workers), on a real uWSGI: a worker respawned while the instance is paused
-parks before it accepts, and is the only one named; the workers parked by "p" itself, which
-may have been serving until then, never are. The drain's decision (when, and what it says)
-is tests/test_machine.py's, on the fake host.
+"""Witnesses about uWSGI workers that the swap relies on, on a real uWSGI (both found by
+the chaos soak, at a worker respawned in the middle of a hand-over):
+- the drain frees a stranded worker (hotswap/swap/host.py, RealHost.stranded_workers): a
+  worker respawned while the instance is paused parks before it accepts, and is the only one
+  named; the workers parked by "p" itself, which may have been serving, never are. The
+  drain's decision (when, and what it says) is tests/test_machine.py's, on the fake host;
+- the hand-over nudges with SIGTSTP only a worker that runs its own signal handlers
+  (procs.worker_initialised): to a worker just forked, SIGTSTP is its master's pause toggle.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -52,3 +56,19 @@ def test_only_a_worker_respawned_during_the_pause_is_stranded(service: Service):
     _write(host.cfg.fifo_live, "p")
     assert procs.wait_until(lambda: host.stranded_workers(master, paused_at) == [], 30)
     assert service.health()["master_pid"] == master
+
+
+def test_only_workers_past_their_init_are_nudged(service: Service):
+    service.start()
+    host = RealHost(load(service.ini))
+    master = service.master()
+    workers = host.workers_of(master)
+    assert workers and all(procs.worker_initialised(w) for w in workers), workers
+    assert not procs.worker_initialised(master)  # what a just-forked worker still is
+    plain = subprocess.Popen(["sleep", "60"])
+    try:
+        assert not procs.worker_initialised(plain.pid)
+    finally:
+        plain.kill()
+        plain.wait()
+    assert not procs.worker_initialised(2**22 + 1)  # no such process

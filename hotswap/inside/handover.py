@@ -269,7 +269,8 @@ def pause_workers_wait(paths: Paths, retiring: int, offset: int) -> str:
         elif time.monotonic() - seen[1] >= QUIET_SECONDS:
             return True  # the others are busy with requests
         for pid in workers:
-            procs.signal_quietly(pid, signal.SIGTSTP)
+            if procs.worker_initialised(pid):  # else SIGTSTP is its master's pause toggle
+                procs.signal_quietly(pid, signal.SIGTSTP)
         return False
 
     procs.wait_until(parked_or_busy, PAUSE_TIMEOUT, interval=0.01)

@@ -223,6 +223,23 @@ def ancestor_below(pid: int, top: int, levels: int = 3) -> int | None:
     return None
 
 
+def worker_initialised(pid: int) -> bool:
+    """True once a uWSGI worker runs its own signal handlers: it catches SIGUSR2, the last
+    handler uWSGI's worker init installs (core/uwsgi.c) and one its master does not catch.
+    Until then a just-forked worker still runs its master's: a SIGTSTP there is the master's
+    pause toggle (suspend_resume_them_all), run in the child. Found by the chaos soak: a
+    nudge that landed between a respawn's fork() and its own signal() toggled the whole
+    instance's pause over and over and left that child spinning in the handler for good."""
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            for line in handle:
+                if line.startswith("SigCgt:"):
+                    return bool(int(line.split()[1], 16) >> (signal.SIGUSR2 - 1) & 1)
+    except (OSError, ValueError, IndexError):
+        return False
+    return False
+
+
 def parked_in_poll(pid: int) -> bool:
     """True if pid sleeps in poll(): where a suspended uWSGI worker waits for its resume
     (`poll(NULL, 0, 10000)`); an idle one waits in epoll or on the accept lock instead.
