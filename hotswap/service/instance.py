@@ -98,7 +98,8 @@ def prepare_start(cfg: Config) -> tuple[int, list[Path]]:
 def stop(cfg: Config, timeout: float) -> list[int]:
     """Graceful stop of every master of the instance; returns their pids.
 
-    Serving masters get "q" (in-flight requests finish); a generation still loading serves
+    The live master is paused, then gets "q" (quit_paused: in-flight requests finish, no
+    just-accepted connection is reset), a parked one "q"; a generation still loading serves
     nothing and is rolled back first (repair.py), unless its hand-over had committed, in
     which case it serves and is stopped like the others. Files are cleaned once all are gone.
     """
@@ -117,7 +118,7 @@ def stop(cfg: Config, timeout: float) -> list[int]:
 
 def begin_stop(cfg: Config) -> tuple[list[int], list[int]]:
     """The non-blocking half of stop (the caller holds the reload lock): roll back what is
-    loading, "q" to what serves. Returns (every master, the serving ones to wait for)."""
+    loading, "p" then "q" to what serves. Returns (every master, the serving ones to wait for)."""
     host = RealHost(cfg)
     masters = host.masters()
     if not masters.all:
