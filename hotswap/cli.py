@@ -445,8 +445,13 @@ def recover(ctx: Context) -> None:
 @click.option("--health-path", default="/healthz", show_default=True,
               help="The path the kit's middleware answers (hotswap-health in srv.ini).")
 @click.option("--force", is_flag=True, help="Overwrite an existing srv.ini / hotswap.service.")
+@click.option("--socket", "socket_unit", flag_value="unix",
+              help="Also write hotswap.socket: systemd holds run/http.sock (a restart refuses "
+              "nothing).")
+@click.option("--socket-tcp", "socket_unit", metavar="HOST:PORT",
+              help="The same on a TCP address (srv.ini's http-socket becomes HOST:PORT).")
 def init(app: str | None, their_ini: Path | None, project: str, user: str | None,
-         health_path: str, force: bool) -> None:
+         health_path: str, force: bool, socket_unit: str | None) -> None:
     """Write srv.ini (the kit's settings, serving APP) and hotswap.service into a project."""
     if their_ini is not None:
         _adopt(their_ini, force)
@@ -454,7 +459,7 @@ def init(app: str | None, their_ini: Path | None, project: str, user: str | None
     if not app:
         raise HotswapError("init needs --app MODULE:CALLABLE, or --from YOUR.ini",
                            ExitCode.CONFIG)
-    written = scaffold.init(Path(project), app, user, force, health_path)
+    written = scaffold.init(Path(project), app, user, force, health_path, socket=socket_unit)
     for path in written.paths:
         click.echo(here(f"wrote {path}"))
     for warning in written.warnings:

@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -196,6 +197,43 @@ def test_init_refuses_to_overwrite_and_renders_the_unit(plain: InitProject):
                                  str(folder / "hotswap.service")],
                                 capture_output=True, text=True, timeout=60)
         assert verify.returncode == 0 and "hotswap.service" not in verify.stderr, verify
+
+
+@pytest.mark.parametrize("flag", [("--socket",), ("--socket-tcp", "127.0.0.1:8391")])
+def test_init_with_a_socket_unit_matches_the_inis_socket(tmp_path: Path, flag: tuple[str, ...]):
+    """`hotswap init --socket` / `--socket-tcp HOST:PORT` also writes hotswap.socket:
+    ListenStream= is the ini's socket as uWSGI reads it (uWSGI matches the passed fd to its
+    line by that address), the ini speaks `protocol = http`, the service requires the unit."""
+    (tmp_path / "tinyapp.py").write_text("def application(environ, start_response):\n"
+                                         "    start_response('200 OK', [])\n    return [b'']\n")
+    done = subprocess.run([sys.executable, "-m", "hotswap", "init", "--dir", str(tmp_path),
+                           "--app", "tinyapp:application", *flag],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "wrote hotswap.socket" in done.stdout.splitlines(), done.stdout
+    sock = (tmp_path / "hotswap.socket").read_text()
+    listen = [line.split("=", 1)[1] for line in sock.splitlines()
+              if line.startswith("ListenStream=")]
+    cfg = config.load(tmp_path / "srv.ini")  # what uWSGI itself reads from the ini
+    assert listen == [cfg.socket.address], (listen, cfg.socket)
+    assert "protocol = http" in cfg.ini.read_text().splitlines()
+    unit = (tmp_path / "hotswap.service").read_text()
+    assert "Requires=hotswap.socket" in unit and "After=hotswap.socket" in unit
+    assert "@" not in sock.replace("@USER@", "?").split("[Unit]", 1)[1], sock
+    if shutil.which("systemd-analyze"):
+        verify = subprocess.run(["systemd-analyze", "verify", "--man=no",
+                                 str(tmp_path / "hotswap.socket")],
+                                capture_output=True, text=True, timeout=60)
+        assert verify.returncode == 0 and "hotswap.socket:" not in verify.stderr, verify
+
+
+def test_init_refuses_a_socket_tcp_that_is_no_address(tmp_path: Path):
+    done = subprocess.run([sys.executable, "-m", "hotswap", "init", "--dir", str(tmp_path),
+                           "--app", "tinyapp:application", "--socket-tcp", "8080"],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert done.returncode == 2, done
+    assert done.stderr.strip().splitlines() == [
+        "hotswap: --socket-tcp needs HOST:PORT (e.g. 127.0.0.1:8080), not '8080'"], done.stderr
 
 
 # -- the middleware on its own (no uWSGI) -------------------------------------------------

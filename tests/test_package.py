@@ -64,6 +64,7 @@ def test_the_wheel_carries_the_templates_and_the_version(wheel: Path):
     assert wheel.name.startswith(f"hotswap-{hotswap.__version__}-")
     names = zipfile.ZipFile(wheel).namelist()
     assert "hotswap/templates/hotswap.service" in names
+    assert "hotswap/templates/hotswap.socket" in names  # what `init --socket` renders
     assert not [n for n in names if n.startswith(("tests/", "bench/", "deploy/", "scripts/"))]
 
 

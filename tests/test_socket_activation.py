@@ -31,16 +31,26 @@ GAP_SECONDS = 5.0  # the issue's scenario: start 5 s after the stop
 GAP_TIMEOUT = 120.0  # a client's patience: the gap plus a start on a slow machine
 
 
-@pytest.fixture
-def activated(tmp_path: Path):
+@pytest.fixture(params=["unix", "tcp"])
+def activated(tmp_path: Path, request):
+    """A service and the listener the test holds for it (systemd's part): hotswap.socket's
+    unix variant, or its TCP one (--socket-tcp) on a free 127.0.0.1 port."""
     svc = Service(tmp_path)
-    ini = svc.ini.read_text()
     # uWSGI adds LISTEN_FDS sockets with the default protocol (uwsgi): name HTTP for them
-    svc.ini.write_text(ini.replace("[uwsgi]\n", "[uwsgi]\nprotocol = http\n", 1))
+    ini = svc.ini.read_text().replace("[uwsgi]\n", "[uwsgi]\nprotocol = http\n", 1)
     svc.run_dir.mkdir()
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(str(svc.socket))
-    os.chmod(svc.socket, 0o660)
+    if request.param == "tcp":
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.bind(("127.0.0.1", 0))  # a free port, held from here on
+        host, port = listener.getsockname()
+        ini = ini.replace("http-socket = %(run_dir)/http.sock",
+                          f"http-socket = {host}:{port}")
+        svc.socket = f"{host}:{port}"  # probe and the CLI read host:port as TCP
+    else:
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(svc.socket))
+        os.chmod(svc.socket, 0o660)
+    svc.ini.write_text(ini)
     listener.listen(1024)
     try:
         yield svc, listener
@@ -60,20 +70,28 @@ def start(svc: Service, listener: socket.socket) -> None:
     svc.wait_ready()
 
 
+def _target(where: Path | str) -> str | tuple[str, int]:
+    """The load generator's target: a unix path, or (host, port)."""
+    if isinstance(where, Path):
+        return str(where)
+    host, _, port = where.rpartition(":")
+    return host, int(port)
+
+
 class _Gap:
     """Eight clients that connect while nothing serves, and what they got."""
 
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str | tuple[str, int]) -> None:
         self.records: list = []
         self.sent: list = []
         self.threads = [threading.Thread(target=self._one, args=(target,)) for _ in range(8)]
 
-    def _one(self, target: str) -> None:
+    def _one(self, target: str | tuple[str, int]) -> None:
         self.records.append(request_once(target, "/healthz", GAP_TIMEOUT,
                                          sent=lambda: self.sent.append(1)))
 
 
-def _gap_clients(target: str) -> _Gap:
+def _gap_clients(target: str | tuple[str, int]) -> _Gap:
     """Start the gap's clients and return once all eight wait in the backlog, and the
     scenario's gap (GAP_SECONDS since the stop) has passed: a start 5 s after a stop."""
     stopped = time.monotonic()
@@ -92,8 +110,9 @@ def test_activated_socket_survives_reload_stop_and_start(activated):
     start(svc, listener)
     first = svc.master()
     assert "SystemD socket activation detected" in svc.log_tail(200)
+    target = _target(svc.socket)
     # the clients wait through the stop-start gap: their timeout outlasts a slow start
-    load = LoadGenerator(str(svc.socket), connections=CONNECTIONS, max_seconds=180,
+    load = LoadGenerator(target, connections=CONNECTIONS, max_seconds=180,
                          request_timeout=GAP_TIMEOUT)
     load.start()
     try:
@@ -106,23 +125,22 @@ def test_activated_socket_survives_reload_stop_and_start(activated):
         stop = svc.cli("stop")
         assert stop.returncode == 0, stop.stderr
         assert "socket-activated" in stop.stderr, stop.stderr
-        assert svc.socket.exists(), "stop unlinked the activated socket"
+        assert isinstance(target, tuple) or svc.socket.exists(), \
+            "stop unlinked the activated socket"
         svc.supervisor.wait(timeout=30)
-        gap = _gap_clients(str(svc.socket))
+        gap = _gap_clients(target)
         start(svc, listener)
         for thread in gap.threads:
             thread.join(timeout=GAP_TIMEOUT + 10)
     finally:
         records = load.stop()
     summary = summarize(records)
-    # Nothing is refused and no socket goes missing. A reset is still possible at the stop
-    # (1 in 45,984 seen): "q" can reach a worker that has just accepted, the race the
-    # hand-over's "p" closes for a swap; stop does not pause the workers first yet.
-    assert set(summary["outcomes"]) <= {"ok", "reset"}, summary
-    assert summary["outcomes"].get("reset", 0) <= 2, summary
+    # Nothing is refused, reset or lost: stop pauses the workers ("p") before its "q", so no
+    # worker exits holding a connection it has just accepted (before, 1 in 45,984 was reset).
+    assert summary["failed"] == 0, summary
     assert [r.outcome for r in gap.records] == ["ok"] * 8, gap.records
     assert svc.master() != first
-    print(f"\nreload, stop, 5 s gap, start under {CONNECTIONS} clients: "
+    print(f"\n{target}: reload, stop, 5 s gap, start under {CONNECTIONS} clients: "
           f"{summary['requests']} requests, {summary['failed']} failed; 8 made in the gap all "
           "answered")
 

@@ -8,14 +8,16 @@ from __future__ import annotations
 import json
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 from ..config import Config
 from ..errors import ExitCode, HotswapError
+from ..inside import handover
 from ..protocol import fifo, record, store, store_record, store_state
 from ..protocol.endpoint import Endpoint
 from ..swap import drift, probe
-from ..swap.host import RealHost
+from ..swap.host import Host, RealHost, Slot
 from ..swap.lock import hold_instance_lock, holder, reload_lock
 from ..swap.repair import abort_generation, reattach_fifos, repair
 from ..swap.store_repair import repair_store, store_problems
@@ -96,7 +98,8 @@ def prepare_start(cfg: Config) -> tuple[int, list[Path]]:
 def stop(cfg: Config, timeout: float) -> list[int]:
     """Graceful stop of every master of the instance; returns their pids.
 
-    Serving masters get "q" (in-flight requests finish); a generation still loading serves
+    The live master is paused, then gets "q" (quit_paused: in-flight requests finish, no
+    just-accepted connection is reset), a parked one "q"; a generation still loading serves
     nothing and is rolled back first (repair.py), unless its hand-over had committed, in
     which case it serves and is stopped like the others. Files are cleaned once all are gone.
     """
@@ -115,7 +118,7 @@ def stop(cfg: Config, timeout: float) -> list[int]:
 
 def begin_stop(cfg: Config) -> tuple[list[int], list[int]]:
     """The non-blocking half of stop (the caller holds the reload lock): roll back what is
-    loading, "q" to what serves. Returns (every master, the serving ones to wait for)."""
+    loading, "p" then "q" to what serves. Returns (every master, the serving ones to wait for)."""
     host = RealHost(cfg)
     masters = host.masters()
     if not masters.all:
@@ -126,15 +129,46 @@ def begin_stop(cfg: Config) -> tuple[list[int], list[int]]:
     for pid in masters.loading:
         abort_generation(host, pid, masters.parked, "the instance is stopping")
     after = host.masters()
-    for pid, path in ((after.parked, cfg.fifo_standby), (after.live, cfg.fifo_live)):
-        if pid:
-            try:
-                fifo.send(path, "q")
-            except fifo.NoReader:
-                # no FIFO to reach it: SIGTERM (with die-on-term, a brutal shutdown)
-                procs.signal_quietly(pid, signal.SIGTERM)
+    if after.parked:  # a retiring or stranded master: its own swap already paused it, or not
+        try:
+            fifo.send(cfg.fifo_standby, "q")
+        except fifo.NoReader:
+            # no FIFO to reach it: SIGTERM (with die-on-term, a brutal shutdown)
+            procs.signal_quietly(after.parked, signal.SIGTERM)
+    if after.live:
+        paths = handover.Paths(cfg.run_dir, cfg.fifo_standby, cfg.pidfile, cfg.log_file)
+        quit_paused(host, Slot.LIVE, after.live,
+                    lambda pid, mark: handover.pause_workers_wait(paths, pid, mark))
     serving = [pid for pid in (after.parked, after.live) if pid]
     return sorted({*serving, *masters.all}), serving
+
+
+def quit_paused(host: Host, slot: Slot, master: int,
+                wait_parked: Callable[[int, int], str]) -> str | None:
+    """"p", wait until the master's idle workers are parked, then "q"; returns "n/m" parked.
+
+    A bare "q" resets a connection now and then (a worker that has just accept()ed exits on
+    the SIGHUP: docs/how-a-swap-works.md); paused first, no worker holds an unanswered one.
+    From "p" to "q" nobody accepts, so "q" follows whatever happens in between: SIGINT and
+    SIGTERM wait until it is sent (at most pause_workers_wait's 2.25 s), and a failed wait
+    still sends it. A stop never leaves a paused master serving nothing."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        mark = host.log_mark()
+        try:
+            host.send(slot, "p")
+        except fifo.NoReader:
+            host.signal(master, signal.SIGTERM)  # no FIFO reaches it: with die-on-term, brutal
+            return None
+        try:
+            return wait_parked(master, mark)
+        finally:
+            try:
+                host.send(slot, "q")
+            except fifo.NoReader:
+                host.signal(master, signal.SIGTERM)  # paused, and unreachable: stop it anyway
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def recover(cfg: Config) -> str:

@@ -24,8 +24,10 @@ from ..system import files
 # package data (pyproject.toml), so a wheel or a plain `pip install` has it too;
 # deploy/hotswap.service is a link to it for install-systemd.sh
 UNIT_TEMPLATE = Path(__file__).resolve().parents[1] / "templates" / "hotswap.service"
+SOCKET_TEMPLATE = UNIT_TEMPLATE.with_name("hotswap.socket")  # deploy/hotswap.socket links here
 INI_NAME = "srv.ini"
 UNIT_NAME = "hotswap.service"
+SOCKET_NAME = "hotswap.socket"
 # folders systemd's PrivateTmp=/ProtectHome= hide from the service
 HIDDEN_FROM_UNIT = ("/tmp/", "/var/tmp/", "/home/", "/root/")
 
@@ -161,15 +163,38 @@ def render_unit(template: str, project: Path, user: str, app: str) -> str:
     return unit
 
 
+def with_socket_unit(ini: str, unit: str, template: str, address: str, user: str
+                     ) -> tuple[str, str, str]:
+    """srv.ini, hotswap.service and hotswap.socket for a socket systemd holds at `address`
+    (install-systemd.sh --socket's edits): the ini's http-socket names the same string as
+    ListenStream= (uWSGI matches the passed fd to its line by address), with `protocol = http`
+    (an adopted socket speaks the ini's protocol, uwsgi by default), and the service needs the
+    socket unit."""
+    ini = re.sub(r"(?m)^http-socket = .*$", f"http-socket = {address}\nprotocol = http", ini,
+                 count=1)
+    unit = unit.replace("\n[Unit]\n", "\n[Unit]\n# hotswap init --socket: systemd holds the "
+                        "listening socket (hotswap.socket)\nRequires=hotswap.socket\n"
+                        "After=hotswap.socket\n", 1)
+    sock = re.sub(r"(?m)^ListenStream=.*$", f"ListenStream={address}", template, count=1)
+    sock = sock.replace("@USER@", user).replace("@PREFIX@", "PREFIX")
+    return ini, unit, sock
+
+
 def init(project: Path, app: str, user: str | None = None, force: bool = False,
-         health_path: str = DEFAULT_HEALTH_PATH, template: Path = UNIT_TEMPLATE) -> Written:
-    """Write srv.ini and hotswap.service into `project`; refuse to overwrite unless `force`."""
+         health_path: str = DEFAULT_HEALTH_PATH, template: Path = UNIT_TEMPLATE,
+         socket: str | None = None) -> Written:
+    """Write srv.ini and hotswap.service into `project` (and hotswap.socket, systemd holding
+    the listening socket at `socket`: "unix" for the ini's run/http.sock, or HOST:PORT);
+    refuse to overwrite unless `force`."""
     try:
         module, _, _ = parse_target(app)
     except EntryError as exc:
         raise HotswapError(str(exc), ExitCode.CONFIG) from None
     if not health_path.startswith("/") or any(c.isspace() or c in "|%" for c in health_path):
         raise HotswapError(f"--health-path must be a path such as /healthz, not {health_path!r}",
+                           ExitCode.CONFIG)
+    if socket not in (None, "unix") and not re.fullmatch(r"[^\s:/]+:\d{1,5}", socket):
+        raise HotswapError(f"--socket-tcp needs HOST:PORT (e.g. 127.0.0.1:8080), not {socket!r}",
                            ExitCode.CONFIG)
     project = project.absolute()
     if not project.is_dir():
@@ -186,6 +211,12 @@ def init(project: Path, app: str, user: str | None = None, force: bool = False,
                            ExitCode.CONFIG) from None
     targets = {project / INI_NAME: render_ini(app, project, health_path),
                project / UNIT_NAME: render_unit(unit_template, project, user, app)}
+    if socket is not None:
+        address = str(project / "run" / "http.sock") if socket == "unix" else socket
+        ini, unit, sock = with_socket_unit(targets[project / INI_NAME],
+                                           targets[project / UNIT_NAME],
+                                           SOCKET_TEMPLATE.read_text(), address, user)
+        targets = {project / INI_NAME: ini, project / UNIT_NAME: unit, project / SOCKET_NAME: sock}
     existing = [str(path) for path in targets if path.exists()]
     if existing and not force:
         raise HotswapError(f"{', '.join(existing)} already exist(s); --force overwrites",
