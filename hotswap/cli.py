@@ -8,31 +8,30 @@ from .system import early
 
 early.install()
 
-import json
 import math
 import os
-import signal
 import sys
-import threading
-from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from . import __version__, config
-from .config import here
+from .config import DEFAULT_GRACE, DEFAULT_KEEP, here
 from .errors import MEANING, ExitCode, HotswapError
-from .releases import announced, message, sources
-from .releases import refresh as data_refresh
-from .releases import release as rel
-from .releases import watch as watcher
-from .service import adopt, checks, scaffold
-from .service import instance as inst
-from .service.supervisor import DEFAULT_GRACE, Supervisor, refuse_exec_as_pid1
-from .swap import drift, probe
-from .swap import metrics as swap_metrics
-from .swap.reload import Phase, reload, write_last_reload
-from .system import files, memory, notify
+from .system import memory
+
+if TYPE_CHECKING:  # each command imports what it runs in its body: `--help` starts fast
+    import threading
+    from collections.abc import Callable
+
+    from .releases import release as rel
+    from .releases import watch as watcher
+    from .swap.reload import Phase
+
+# `announce`'s choices, here so that its --help needs no release machinery
+# (tests/test_cli_start.py holds them equal to hotswap.releases.message.ACTIONS)
+ANNOUNCE_ACTIONS = ("deploy", "refresh")
 
 # probe speaks the monitoring-plugin convention, not the rest of the CLI's codes.
 PROBE_OK, PROBE_WARNING, PROBE_CRITICAL, PROBE_UNKNOWN = 0, 1, 2, 3
@@ -74,9 +73,11 @@ class Context:
     @property
     def cfg(self) -> config.Config:
         if self._cfg is None:
-            layout = rel.Layout(Path(self.ini).absolute().parent)
-            if layout.releases.is_dir():  # before uWSGI reads the ini through `current`
-                layout.check_current()
+            root = Path(self.ini).absolute().parent
+            if (root / "releases").is_dir():  # before uWSGI reads the ini through `current`
+                from .releases import release as rel
+
+                rel.Layout(root).check_current()
             self._cfg = config.load(self.ini)
         return self._cfg
 
@@ -114,6 +115,11 @@ def main(ctx: click.Context, ini: str) -> None:
 def start(ctx: Context, exec_mode: bool | None, grace: float) -> None:
     """Run the service in the foreground (what systemd's ExecStart runs, and a container's
     entrypoint)."""
+    from .service import checks
+    from .service import instance as inst
+    from .service.supervisor import Supervisor, refuse_exec_as_pid1
+    from .system import files
+
     cfg = ctx.cfg
     if exec_mode is None:
         exec_mode = "NOTIFY_SOCKET" in os.environ
@@ -189,6 +195,11 @@ def with_memory_options(func):
 def reload_cmd(ctx: Context, timeout: float, drain_timeout: float, force: bool,
                memory_margin: float, as_json: bool) -> None:
     """Swap in a new generation; return when it serves and the old one is gone."""
+    import json
+
+    from .swap.reload import reload, write_last_reload
+    from .system import notify
+
     def show(phase: Phase, at: float, detail: str) -> None:
         if not as_json:
             click.echo(here(f"  [{at:7.2f}s] {phase.value:<12} {detail}"))
@@ -240,6 +251,10 @@ def refresh_cmd(ctx: Context, store_path: str, timeout: float, as_json: bool) ->
     Exit 1: STORE failed validation or the app's smoke checks, or SIGINT/SIGTERM came before
     the commit point (the old store still serves); 2: no such file, or the service is not in
     store mode; 5: a worker did not switch in time (switched back)."""
+    import json
+
+    from .releases import refresh as data_refresh
+
     def show(phase: str, at: float, detail: str) -> None:
         if not as_json:
             click.echo(f"  [{at:7.2f}s] {phase:<12} {detail}")
@@ -265,6 +280,11 @@ def refresh_cmd(ctx: Context, store_path: str, timeout: float, as_json: bool) ->
 @pass_context
 def status(ctx: Context, as_json: bool) -> None:
     """Master, generation, workers, FIFOs, socket and the last reload's result."""
+    import json
+
+    from .releases import release as rel
+    from .service import instance as inst
+
     report = inst.status(ctx.cfg)
     if (ctx.cfg.ini.parent / "releases").is_dir():  # a release layout (docs/releases.md)
         layout = rel.Layout(ctx.cfg.ini.parent)
@@ -287,6 +307,8 @@ def status(ctx: Context, as_json: bool) -> None:
 def metrics_cmd(ctx: Context, write: bool) -> None:
     """Print the swap metrics in Prometheus' text format: the textfile the last reload,
     refresh, deploy or rollback wrote (hotswap-metrics-file, default run/hotswap.prom)."""
+    from .swap import metrics as swap_metrics
+
     click.echo((swap_metrics.rewrite if write else swap_metrics.current)(ctx.cfg), nl=False)
 
 
@@ -361,6 +383,8 @@ def _format_memory(room: dict) -> str:
 def check(ctx: Context) -> None:
     """Say what start and reload would refuse in the ini, and what it sets that the kit
     supports, without starting anything; exit 2 if anything is refused."""
+    from .service import checks
+
     findings = checks.review(ctx.cfg)
     for finding in findings:
         click.echo(here(f"{finding.verdict:<10} {finding.message}"))
@@ -382,6 +406,8 @@ def check(ctx: Context) -> None:
 def probe_cmd(ctx: Context, path: str | None, timeout: float, expect_status: int,
               socket_path: str | None) -> None:
     """GET PATH on the service's socket; exit 0 OK, 1 wrong status, 2 no answer, 3 unknown."""
+    from .swap import probe
+
     if path is not None and not path.startswith("/"):
         click.echo(f"hotswap probe: UNKNOWN - path must start with '/': {path!r}", err=True)
         sys.exit(PROBE_UNKNOWN)
@@ -410,6 +436,9 @@ def probe_cmd(ctx: Context, path: str | None, timeout: float, expect_status: int
 @pass_context
 def stop(ctx: Context, timeout: float) -> None:
     """Stop gracefully: in-flight requests finish, then the master exits; files are cleaned."""
+    from .service import instance as inst
+    from .swap import drift
+
     cfg = ctx.cfg
     activated = drift.socket_activated(cfg)  # read before stop clears the run dir
     masters = inst.stop(cfg, timeout)
@@ -429,6 +458,8 @@ def stop(ctx: Context, timeout: float) -> None:
 @pass_context
 def recover(ctx: Context) -> None:
     """Repair what an interrupted swap left (`reload` does it too, before it forks)."""
+    from .service import instance as inst
+
     click.echo(inst.recover(ctx.cfg))
 
 
@@ -453,6 +484,8 @@ def recover(ctx: Context) -> None:
 def init(app: str | None, their_ini: Path | None, project: str, user: str | None,
          health_path: str, force: bool, socket_unit: str | None) -> None:
     """Write srv.ini (the kit's settings, serving APP) and hotswap.service into a project."""
+    from .service import scaffold
+
     if their_ini is not None:
         _adopt(their_ini, force)
         return
@@ -469,6 +502,8 @@ def init(app: str | None, their_ini: Path | None, project: str, user: str | None
 
 
 def _adopt(their_ini: Path, force: bool) -> None:
+    from .service import adopt
+
     adopted = adopt.adopt(their_ini, force)
     for line in adopted.changes:
         click.echo(here(f"changed  {line}"))
@@ -494,6 +529,8 @@ def _show_phase(as_json: bool):
 
 
 def _report(result: rel.DeployResult, as_json: bool) -> None:
+    import json
+
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=1))
     elif result.ok:
@@ -532,13 +569,15 @@ def with_swap_options(func):
               help="The uWSGI log (default ROOT/log).")
 def init_releases_cmd(root: Path, run_dir: Path | None, log_dir: Path | None) -> None:
     """Create a release layout in ROOT: releases/, state/ and the entry ini hotswap.ini."""
+    from .releases import release as rel
+
     ini = rel.init(root, run_dir, log_dir)
     click.echo(f"release layout in {ini.parent}: deploy with `hotswap --ini {ini} deploy PATH`")
 
 
 @main.command(name="deploy", epilog=EXIT_CODES_HELP)
 @click.argument("source", type=click.Path(path_type=Path))
-@click.option("--keep", type=click.IntRange(min=1), default=rel.DEFAULT_KEEP, show_default=True,
+@click.option("--keep", type=click.IntRange(min=1), default=DEFAULT_KEEP, show_default=True,
               envvar="HOTSWAP_KEEP_RELEASES",
               help="Releases to keep after a success (current and serving always kept).")
 @click.option("--check-import/--no-check-import", default=False, show_default=True,
@@ -553,6 +592,8 @@ def deploy_cmd(ctx: Context, source: Path, keep: int, check_import: bool, if_cha
     """Ship SOURCE (a folder or a tarball) as a new release: copy, check, flip, reload.
 
     Exit 1: refused or rolled back (current names the old release, which serves)."""
+    from .releases import release as rel
+
     result = rel.deploy(Path(ctx.ini), source.absolute(), timeout, drain, keep, check_import,
                         _show_phase(as_json),
                         rel.SwapOptions(timeout, drain, force, memory_margin),
@@ -568,6 +609,8 @@ def deploy_cmd(ctx: Context, source: Path, keep: int, check_import: bool, if_cha
 def rollback_cmd(ctx: Context, to: str | None, timeout: float, drain: float, force: bool,
                  memory_margin: float, as_json: bool) -> None:
     """Make the release before `current` (or release --to) live again (same safety as deploy)."""
+    from .releases import release as rel
+
     _report(rel.rollback(ctx.cfg, timeout, drain, _show_phase(as_json),
                          rel.SwapOptions(timeout, drain, force, memory_margin), to=to), as_json)
 
@@ -577,6 +620,10 @@ def rollback_cmd(ctx: Context, to: str | None, timeout: float, drain: float, for
 @pass_context
 def releases_cmd(ctx: Context, as_json: bool) -> None:
     """List releases, oldest first: C = `current` names it, S = it serves (/healthz)."""
+    import json
+
+    from .releases import release as rel
+
     rows = rel.listing(Path(ctx.ini))
     if as_json:
         click.echo(json.dumps(rows, indent=1))
@@ -593,7 +640,7 @@ def releases_cmd(ctx: Context, as_json: bool) -> None:
 @click.argument("drop", required=False, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--quiet", type=click.FloatRange(min=0.0), default=2.0, show_default=True,
               help="Seconds without a change in DROP before acting on what landed.")
-@click.option("--keep", type=click.IntRange(min=1), default=rel.DEFAULT_KEEP, show_default=True,
+@click.option("--keep", type=click.IntRange(min=1), default=DEFAULT_KEEP, show_default=True,
               envvar="HOTSWAP_KEEP_RELEASES", help="Passed to each deploy.")
 @click.option("--follow-current/--no-follow-current", default=True, show_default=True,
               help="Reload when `current` is flipped by someone else to a release that does "
@@ -615,6 +662,12 @@ def watch_cmd(ctx: Context, drop: Path | None, quiet: float, keep: int, follow_c
     """Deploy or refresh what lands in DROP (default ROOT/drop), or what a signed message on
     --source announces, one action at a time; reload when `current` is flipped to a release
     that does not serve."""
+    import signal
+    import threading
+
+    from .releases import release as rel
+    from .releases import watch as watcher
+
     # a DROP of stores only (a mounted volume, say) needs no release layout; its default does
     if source and drop:
         raise HotswapError("watch: give DROP or --source, not both", ExitCode.CONFIG)
@@ -655,6 +708,8 @@ def watch_source(url: str, key: Path, allow: tuple[Path, ...], runner: watcher.C
                  quiet: float, log: Callable[[str], None], verbose: bool, stop: threading.Event,
                  layout: rel.Layout) -> None:
     """`watch --source`: the announcements' loop over the same runner as DROP's."""
+    from .releases import announced, message, sources
+
     verifier = message.Verifier(message.load_secret(key), tuple(p.absolute() for p in allow))
     feed = sources.open_source(url)
     ledger = message.Ledger(layout.root / "state" / "announcements.jsonl")
@@ -665,7 +720,7 @@ def watch_source(url: str, key: Path, allow: tuple[Path, ...], runner: watcher.C
 
 
 @main.command(name="announce")
-@click.argument("action", type=click.Choice(sorted(message.ACTIONS)))
+@click.argument("action", type=click.Choice(ANNOUNCE_ACTIONS))
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--id", "ident", required=True, help="The announcement's id (each host acts on "
               "an id at most once).")
@@ -674,4 +729,6 @@ def watch_source(url: str, key: Path, allow: tuple[Path, ...], runner: watcher.C
 def announce_cmd(action: str, path: Path, ident: str, key: Path) -> None:
     """Print the signed message that announces PATH to `watch --source` (the publisher's
     half: INSERT it, PUBLISH it or XADD it; docs/releases.md)."""
+    from .releases import message
+
     click.echo(message.sign(action, str(path.absolute()), ident, message.load_secret(key)))

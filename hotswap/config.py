@@ -27,6 +27,11 @@ def here(text: str) -> str:
     return text.replace(prefix, "") if prefix != "/" else text
 
 
+# defaults the CLI's options show: here, not beside their users, so `--help` imports no more
+DEFAULT_GRACE = 25.0  # seconds from SIGTERM to SIGKILL of what still runs; Kubernetes: 30
+DEFAULT_KEEP = 5  # releases kept after a deploy
+
+
 # srv.ini key -> Config field. Custom keys (run_dir, fifo_*) are srv.ini placeholders.
 REQUIRED_KEYS = {
     "run_dir": "run_dir",

@@ -55,7 +55,6 @@ ENTRY_INI = "hotswap.ini"
 RELEASE_INI = "srv.ini"
 TARBALL = re.compile(r"\.(tar|tar\.gz|tgz|tar\.bz2|tar\.xz)$")
 IMPORT_CHECK_TIMEOUT = 120.0
-DEFAULT_KEEP = 5
 
 Show = Callable[[Phase, float, str], None]
 

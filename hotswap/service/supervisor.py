@@ -29,7 +29,7 @@ import subprocess
 import sys
 import time
 
-from ..config import Config, here
+from ..config import DEFAULT_GRACE, Config, here
 from ..errors import ExitCode, HotswapError
 from ..protocol import record
 from ..swap import lock
@@ -38,7 +38,6 @@ from . import instance
 
 PR_SET_CHILD_SUBREAPER = 36
 WAKE_SIGNALS = {signal.SIGCHLD, signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT}
-DEFAULT_GRACE = 25.0  # seconds from SIGTERM to SIGKILL of what still runs; Kubernetes: 30
 
 
 def _become_subreaper() -> None:
