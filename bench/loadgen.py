@@ -150,6 +150,58 @@ class LoadGenerator:
         self.stop()
 
 
+class OpenLoopGenerator:
+    """Open-loop load: request k is due at start + k/rate, on a clock, whatever the answers
+    before it did. Each runs on its own connection in a pool of `in_flight` threads; one that
+    finds the pool full is recorded as "dropped" at its due time, never delayed (a delayed
+    start would hide the stall it waited for: coordinated omission). Record.started is the
+    scheduled wall time and latency runs from it, so a late dispatch counts as latency."""
+
+    def __init__(self, target: str | tuple[str, int], rate: float,
+                 paths: tuple[str, ...] = DEFAULT_PATHS, in_flight: int = 256,
+                 request_timeout: float = 10.0, clock: Callable[[], float] = time.monotonic,
+                 send: Callable[..., Record] = request_once) -> None:
+        self.target, self.rate, self.paths = target, rate, paths
+        self.request_timeout, self.clock, self.send = request_timeout, clock, send
+        self.records: list[Record] = []
+        self.idle = in_flight
+        self.next_index = 0
+        self.start_mono = clock()
+        self.start_wall = time.time()
+        self._lock = threading.Lock()
+        self.queue: list[tuple[int, float]] = []  # (index, due) handed to a free slot
+
+    def due(self, index: int) -> float:
+        return self.start_mono + index / self.rate
+
+    def dispatch_due(self, now: float) -> int:
+        """Hand every request due by `now` to a free slot (or drop it); returns how many."""
+        count = 0
+        while self.due(self.next_index) <= now:
+            index, due = self.next_index, self.due(self.next_index)
+            self.next_index += 1
+            count += 1
+            with self._lock:
+                if self.idle == 0:
+                    self.records.append(Record(self.start_wall + due - self.start_mono, 0.0,
+                                               "dropped", 0, ""))
+                    continue
+                self.idle -= 1
+            self.queue.append((index, due))
+        return count
+
+    def serve(self, index: int, due: float) -> Record:
+        """Send request `index` and record it with its latency from `due`; frees the slot."""
+        answer = self.send(self.target, self.paths[index % len(self.paths)],
+                           self.request_timeout)
+        record = Record(self.start_wall + due - self.start_mono, self.clock() - due,
+                        answer.outcome, answer.master_pid, answer.generation)
+        with self._lock:
+            self.records.append(record)
+            self.idle += 1
+        return record
+
+
 def summarize(records: list[Record]) -> dict:
     outcomes = collections.Counter(r.outcome for r in records)
     return {
