@@ -146,9 +146,10 @@ def check(swap: Swap, new_generation_prefix: str) -> None:
         swap.problems.append("no generation answered within the bound")
     elif swap.code == 0 and not swap.serving.startswith(new_generation_prefix):
         swap.problems.append(f"exit 0 but {swap.serving} serves")
-    elif swap.code in (1, 5) and swap.serving.startswith(new_generation_prefix):
+    elif swap.code in (1, 5, 7) and swap.serving.startswith(new_generation_prefix):
         swap.problems.append(f"exit {swap.code} but the new release {swap.serving} serves")
-    elif swap.code not in (0, 1, 5) and swap.code is not None and swap.code >= 0:
+    elif swap.code not in (0, 1, 5) and swap.code is not None and swap.code >= 0 and not (
+            swap.code == 7 and swap.fault == "disk full"):  # refused: no room for the records
         swap.problems.append(f"exit {swap.code}: {swap.message}")
     in_startup = (swap.landed or {}).get("phase") == STARTUP
     if swap.code is not None and swap.code < 0 and swap.fault not in SIGKILLED_CLI:

@@ -96,7 +96,7 @@ class FakeHost:
         self.at(self.t + self.drain_seconds, lambda: self._exit(master))
 
     def _exit(self, master: int) -> None:
-        if set(self._respawned_of(master)) & self.parked_pids:
+        if self._respawned_of(master):
             self.at(self.t + 0.1, lambda: self._exit(master))  # waits for its stranded one
             return
         self.alive_pids -= {master, *(OLD_WORKERS if master == OLD else []),

@@ -69,16 +69,21 @@ def test_the_plan_is_seeded_and_faults_about_the_fraction_asked():
     assert all(0 <= p.delay(3.0) <= 3.0 for p in plan)
 
 
-@pytest.mark.parametrize(("code", "serving", "problem"), [
-    (0, "s2+ab", None), (1, "s1+ab", None), (5, "s1+ab", None),
-    (0, "s1+ab", "exit 0 but s1+ab serves"),
-    (1, "s2+ab", "exit 1 but the new release"),
-    (-2, "s1+ab", "died of its signal"),
-    (0, "", "no generation answered"),
-    (-15, "s1+ab", None),  # landed in the interpreter's start-up, and nothing changed
+_SIGINT = "cli SIGINT"
+
+
+@pytest.mark.parametrize(("code", "serving", "problem", "fault"), [
+    (0, "s2+ab", None, _SIGINT), (1, "s1+ab", None, _SIGINT), (5, "s1+ab", None, _SIGINT),
+    (0, "s1+ab", "exit 0 but s1+ab serves", _SIGINT),
+    (1, "s2+ab", "exit 1 but the new release", _SIGINT),
+    (-2, "s1+ab", "died of its signal", _SIGINT),
+    (0, "", "no generation answered", _SIGINT),
+    (-15, "s1+ab", None, _SIGINT),  # landed in the interpreter's start-up: nothing changed
+    (7, "s1+ab", "exit 7", _SIGINT),  # no room, but the fault was not a full disk
+    (7, "s1+ab", None, "disk full"),  # refused: the run dir had no room for its records
 ])
-def test_an_exit_code_must_be_true_to_what_serves(code, serving, problem):
-    item = chaos.Swap(2, "cli SIGINT", "s2", 0.0, code=code, serving=serving,
+def test_an_exit_code_must_be_true_to_what_serves(code, serving, problem, fault):
+    item = chaos.Swap(2, fault, "s2", 0.0, code=code, serving=serving,
                       old_generation="s1+ab")
     if code == -15:
         item.landed = {"phase": chaos.STARTUP}

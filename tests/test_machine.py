@@ -530,11 +530,11 @@ def test_a_worker_respawned_during_the_pause_does_not_keep_the_old_master_draini
     assert_new_serves(host)
 
 
-def test_a_worker_born_before_the_pause_is_never_killed_by_the_drain():
-    """The other side: a worker alive before "p" may hold a request; only uWSGI's own
-    graceful quit may end it, however long the drain (here: it outlasts --drain)."""
+def test_a_worker_not_named_stranded_is_never_killed_by_the_drain():
+    """The other side: a worker that may hold a request (not suspended: here, in one) is
+    left to uWSGI's own graceful quit, however long the drain (here: it outlasts --drain)."""
     host = FakeHost()
-    host.at(0.2, lambda: host.respawn(105, parked=True))  # parked, but born before "p"
+    host.at(0.549, lambda: host.respawn(105, parked=False))
     result, _ = run(host, drain=5.0)
     assert result.ok, result.message
     assert not any(e[:2] == ("signal", 105) for e in host.events), host.events

@@ -141,16 +141,25 @@ class RealHost:
         return [pid for pid in procs.children(master) if pid not in reforked]
 
     def stranded_workers(self, master: int, paused_at: float) -> list[int]:
-        """Workers uWSGI respawned after the hand-over's "p": a slot's suspended flag
-        survives a respawn (core/master_utils.c leaves it set), so the new worker parks at
-        the top of its loop before it ever accepts. The chaos soak saw the master's graceful
-        quit miss one (it SIGHUPs the workers it has at "q"): parked, it never exits, and
-        worker-reload-mercy does not count it. Both witnesses are needed: born after the
-        pause (so it never accepted), and parked now (so it holds no connection). Killing
-        it loses nothing."""
-        return [pid for pid in self.workers_of(master)
-                if (born := procs.started_at(pid)) is not None and born > paused_at
-                and procs.parked_in_poll(pid)]
+        """Workers of a master told to quit that wait suspended and never will leave.
+
+        A slot's suspended flag survives a respawn (core/master_utils.c leaves it set), so a
+        worker uWSGI respawns during the hand-over's pause parks at the top of its loop
+        before it ever accepts; the chaos soak saw the graceful quit miss such a one (it
+        SIGHUPs the workers it has at "q"), and worker-reload-mercy does not count it. The
+        caller asks only once the quit has had time to reach everyone. The witness that it
+        holds no connection is exact where /proc/PID/syscall reads (procs.suspended: poll
+        on no descriptor); elsewhere two weaker ones together: born after the pause, so it
+        never accepted, and parked in poll now. Killing it loses nothing."""
+        named = []
+        for pid in self.workers_of(master):
+            exact = procs.suspended(pid)
+            if exact is None:
+                born = procs.started_at(pid)
+                exact = born is not None and born > paused_at and procs.parked_in_poll(pid)
+            if exact:
+                named.append(pid)
+        return named
 
     def signal(self, pid: int, sig: int) -> None:
         procs.signal_quietly(pid, sig)

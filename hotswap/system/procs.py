@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import platform
 import signal
 import socket
 import sys
@@ -221,6 +222,27 @@ def ancestor_below(pid: int, top: int, levels: int = 3) -> int | None:
             return pid
         pid = info.ppid
     return None
+
+
+# x86_64's poll and ppoll: uWSGI's suspended worker waits in poll(NULL, 0, 10000)
+_POLL_SYSCALLS = {"7", "271"} if platform.machine() == "x86_64" else set()
+
+
+def suspended(pid: int) -> bool | None:
+    """True if pid waits in poll() on no descriptor at all: where a uWSGI worker sits while
+    suspended ("p"), at the top of its loop, holding no connection (core/utils.c). Exact,
+    unlike parked_in_poll (a request polling a socket looks the same there). None when
+    /proc/PID/syscall cannot tell: another architecture, or ptrace rules (Yama) deny it."""
+    if not _POLL_SYSCALLS:
+        return None
+    try:
+        with open(f"/proc/{pid}/syscall") as handle:
+            fields = handle.read().split()
+    except OSError:
+        return None
+    if len(fields) < 3:
+        return False  # "running", or "-1 ..." (not in a system call)
+    return fields[0] in _POLL_SYSCALLS and int(fields[1], 16) == 0 and int(fields[2], 16) == 0
 
 
 def worker_initialised(pid: int) -> bool:
