@@ -279,7 +279,7 @@ class Room:
     needs: int | None  # estimate() of the serving generation
     margin_percent: float
     mem_available: int | None
-    cgroup: str | None  # the cgroup's folder, if it has a memory controller
+    cgroup: str | None  # the cgroup's folder, if it has a memory controller (not the root)
     limit: int | None  # the tightest memory limit on the cgroup's way up, if any
     in_use: int | None  # that level's working set
     oom_kills: int | None = None  # the cgroup's OOM kill counter when measured
@@ -324,8 +324,12 @@ class Room:
 def measure(master: int, workers: list[int], margin_percent: float) -> Room:
     group = cgroup_of(master)
     limit, in_use = group.tightest() if group else (None, None)
+    # At the hierarchy's root the cgroup is the whole machine's: its OOM counter cannot
+    # tell our kills from another tenant's, so it only explains a death (seen: another
+    # test's OOM kill rolled back a healthy reload); the swap treats it as no cgroup.
+    own = group if group and group.path != group.mount else None
     return Room(needs=estimate([master, *workers]), margin_percent=margin_percent,
-                mem_available=mem_available(), cgroup=str(group.path) if group else None,
+                mem_available=mem_available(), cgroup=str(own.path) if own else None,
                 limit=limit, in_use=in_use, oom_kills=oom_kills(master))
 
 
